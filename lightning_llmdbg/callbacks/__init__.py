@@ -1,0 +1,3 @@
+from lightning_llmdbg.callbacks.gradient_monitor import GradientMonitor
+
+__all__ = ["GradientMonitor"]

@@ -1,0 +1,328 @@
+"""Per-group gradient norms, maxima, parameter norms, non-finite counts and update ratios on sampled steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_llmdbg import distributed, stats
+from lightning_llmdbg.sampling import SamplingSchedule
+from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
+from lightning_llmdbg.signals import SignalSource, Signals
+from lightning_llmdbg.writers import Writers
+
+PREFIX = "llmdbg"
+
+
+@dataclass
+class _Plan:
+    """The parameters one optimizer steps, in a fixed order, with their group and how they are sharded."""
+
+    names: list[str]
+    params: list[Tensor]
+    group_names: list[str]
+    group_index: Tensor  # [P] group of each parameter
+    shard_keys: list[tuple]  # distinct non-empty shard keys, same order on every rank
+    shard_positions: list[list[int]]  # parameter positions per shard key
+    total_key: str
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+
+class GradientMonitor(Callback, SignalSource):
+    r"""Log per-group gradient statistics on sampled optimizer steps.
+
+    Measured in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before clipping.
+    On each sampled step the statistics of all groups are computed on the device with fused ``foreach``
+    kernels and reach the host as one tensor; on other steps nothing is computed.
+
+    Logged keys (``<group>`` as chosen by ``groups``):
+
+    - ``llmdbg/grad_norm/<group>``: L2 norm of the group's gradient.
+    - ``llmdbg/grad_norm/total``: L2 norm of all gradients (``total_opt<i>`` per optimizer when there are several).
+    - ``llmdbg/grad_absmax/<group>``: largest absolute gradient value.
+    - ``llmdbg/param_norm/<group>``: L2 norm of the group's parameters (before the update).
+    - ``llmdbg/grad_nonfinite/<group>``: number of NaN/Inf gradient values (the offending parameters are
+      named in a warning and in the published :class:`~lightning_llmdbg.signals.Signals`).
+    - ``llmdbg/update_ratio/<group>``: :math:`\|W_{t+1}-W_t\| / \|W_t\|` of the update the optimizer actually
+      applied (``update_ratio=True``; costs a transient copy of the parameters on sampled steps).
+    - ``llmdbg/grad_hist/<group>``: histogram of the group's finite gradient values (``histograms=True``).
+
+    TensorBoard also gets a custom-scalars layout: one chart per family with all groups on it.
+
+    Distributed: with DDP the gradients are already averaged, so the values are computed locally and are the
+    same on every rank. With FSDP2 (DTensor gradients) the local sums of squares, counts and maxima are
+    all-reduced over the sharded mesh dimensions before the root is taken. DeepSpeed ZeRO stage 2 and 3
+    partition gradients outside ``param.grad``: there the monitor measures only the gradients that are
+    materialised in ``param.grad`` on each rank and says so with a warning.
+
+    Args:
+        groups: ``"blocks"`` (one group per transformer block, plus ``embeddings``, ``head`` and the remaining
+            parameters by top-level module), ``"param_groups"`` (the optimizer's param groups, by their
+            ``"name"`` when they carry one), ``"parameters"`` (each parameter alone), or a dict
+            ``{group_name: glob or [globs]}`` over parameter names (leftovers go to ``other``).
+        every_n_steps: sample every this many optimizer steps.
+        warmup_steps: also sample every step before this one.
+        update_ratio: log the update-to-weight ratio.
+        histograms: log gradient histograms.
+        histogram_bins: bins per histogram.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from lightning_llmdbg import GradientMonitor
+
+        trainer = Trainer(callbacks=[GradientMonitor(groups="blocks", every_n_steps=50)])
+    """
+
+    signal_source_name = "gradient_monitor"
+
+    def __init__(
+        self,
+        groups: GroupSpec = "blocks",
+        every_n_steps: int = 25,
+        warmup_steps: int = 10,
+        update_ratio: bool = False,
+        histograms: bool = False,
+        histogram_bins: int = 64,
+    ) -> None:
+        validate_group_spec(groups)
+        self.schedule = SamplingSchedule(every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 1:
+            raise ValueError(f"`histogram_bins` must be a positive integer, got {histogram_bins!r}.")
+        self.groups = groups
+        self.update_ratio = bool(update_ratio)
+        self.histograms = bool(histograms)
+        self.histogram_bins = histogram_bins
+        self.last_sampled_step = -1
+        self.samples_taken = 0
+        self._plans: dict[int, _Plan] = {}
+        self._writers: Writers | None = None
+        self._pending_update: tuple[_Plan, int, list[Tensor], Tensor] | None = None
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._writers = Writers.for_trainer(trainer)
+        # Fail fast on globs that match nothing; with `configure_model` the parameters may not exist yet,
+        # and the groups are built for real in `on_fit_start`, after the strategy has wrapped the model.
+        if isinstance(self.groups, Mapping) and any(True for _ in pl_module.parameters()):
+            resolve_groups(pl_module, self.groups)
+        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+            stage_ = (getattr(trainer.strategy, "config", None) or {}).get("zero_optimization", {}).get("stage", 0)
+            if stage_ >= 2:
+                rank_zero_warn(
+                    f"GradientMonitor: DeepSpeed ZeRO stage {stage_} partitions gradients outside `param.grad`; "
+                    "only gradients materialised in `param.grad` are measured, so the logged norms are partial. "
+                    "Use ZeRO stage 0/1 or FSDP2 for exact per-group norms."
+                )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        optimizers = list(trainer.optimizers)
+        if not optimizers:
+            return
+        resolved = resolve_groups(pl_module, self.groups, optimizers)
+        if resolved.frozen:
+            shown = ", ".join(resolved.frozen[:5]) + (", ..." if len(resolved.frozen) > 5 else "")
+            rank_zero_info(f"GradientMonitor: skipping {len(resolved.frozen)} frozen parameters ({shown}).")
+        group_of = {name: group for group, members in resolved.groups.items() for name, _ in members}
+        named = {name: p for members in resolved.groups.values() for name, p in members}
+        by_id = {id(p): name for name, p in named.items()}
+        self._plans = {}
+        for i, optimizer in enumerate(optimizers):
+            names = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in by_id]
+            if not names:
+                continue
+            total = "total" if len(optimizers) == 1 else f"total_opt{i}"
+            self._plans[id(optimizer)] = self._make_plan(names, [named[n] for n in names], group_of, total)
+        if self._writers is not None:
+            self._write_layout()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        plan = self._plans.get(id(optimizer))
+        if plan is None or not self.schedule.is_sampled(step):
+            return
+        values, details = self._measure(plan)
+        if self.update_ratio:
+            self._pending_update = (plan, step, *self._snapshot(plan))
+        self.last_sampled_step = step
+        self.samples_taken += 1
+        self._emit(step, values, details)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._pending_update is None:
+            return
+        plan, step, before, param_sumsq = self._pending_update
+        self._pending_update = None
+        ratios = self._update_ratios(plan, before, param_sumsq)
+        self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in zip(plan.group_names, ratios)}, {})
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._writers is not None:
+            self._writers.flush()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._plans = {}
+        self._pending_update = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_sampled_step = int(state_dict.get("last_sampled_step", -1))
+        self.samples_taken = int(state_dict.get("samples_taken", 0))
+
+    # -- measurement -------------------------------------------------------------------------------------------
+    def _make_plan(self, names: list[str], params: list[Tensor], group_of: dict[str, str], total: str) -> _Plan:
+        group_names = list(dict.fromkeys(group_of[n] for n in names))
+        position = {g: i for i, g in enumerate(group_names)}
+        device = distributed.local_part(params[0]).device
+        keys: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            key = distributed.shard_key(p)
+            if key:
+                keys.setdefault(key, []).append(i)
+        return _Plan(
+            names=names,
+            params=params,
+            group_names=group_names,
+            group_index=torch.tensor([position[group_of[n]] for n in names], device=device),
+            shard_keys=list(keys),
+            shard_positions=list(keys.values()),
+            total_key=total,
+        )
+
+    @staticmethod
+    def _present(tensors: Sequence[Tensor | None]) -> tuple[list[Tensor], list[int]]:
+        local = [(distributed.local_part(t), i) for i, t in enumerate(tensors) if t is not None]
+        kept = [(t, i) for t, i in local if t.numel() > 0]
+        return [t for t, _ in kept], [i for _, i in kept]
+
+    def _per_param(self, plan: _Plan, tensors: Sequence[Tensor | None], absmax: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-parameter sums of squares (and maxima), reduced over shards: identical on every rank."""
+        present, where = self._present(tensors)
+        size, device = len(plan.params), plan.group_index.device
+        sumsq = stats.per_tensor_sumsq(present, size, where, device).unsqueeze(0)
+        maxes = stats.per_tensor_absmax(present, size, where, device) if absmax else None
+        distributed.reduce_sharded(sumsq, maxes, plan.shard_keys, plan.shard_positions)
+        return sumsq[0], maxes
+
+    def _measure(self, plan: _Plan) -> tuple[dict[str, float], dict[str, Any]]:
+        grads = [p.grad for p in plan.params]
+        grad_sumsq, grad_max = self._per_param(plan, grads, absmax=True)
+        param_sumsq, _ = self._per_param(plan, [p.detach() for p in plan.params], absmax=False)
+        G = plan.num_groups
+        group_grad = stats.group_sum(grad_sumsq, plan.group_index, G)
+        packed = torch.cat(
+            [
+                group_grad.sqrt(),
+                group_grad.sum().sqrt().unsqueeze(0),
+                stats.group_max(grad_max, plan.group_index, G),
+                stats.group_sum(param_sumsq, plan.group_index, G).sqrt(),
+            ]
+        ).cpu()  # the one device -> host transfer of a sampled step
+        grad_norm, total, absmax, param_norm = packed.split([G, 1, G, G])
+        values: dict[str, float] = {}
+        for i, g in enumerate(plan.group_names):
+            values[f"{PREFIX}/grad_norm/{g}"] = float(grad_norm[i])
+        values[f"{PREFIX}/grad_norm/{plan.total_key}"] = float(total[0])
+        for i, g in enumerate(plan.group_names):
+            values[f"{PREFIX}/grad_absmax/{g}"] = float(absmax[i])
+            values[f"{PREFIX}/param_norm/{g}"] = float(param_norm[i])
+
+        details: dict[str, Any] = {}
+        nonfinite_groups = torch.zeros(G)
+        if not math.isfinite(float(total[0])) or not torch.isfinite(absmax).all():
+            # Slow path, only on a step whose norms are non-finite (the same on every rank): count per parameter.
+            present, where = self._present(grads)
+            counts = stats.per_tensor_nonfinite(present, len(plan.params), where, plan.group_index.device).unsqueeze(0)
+            distributed.reduce_sharded(counts, None, plan.shard_keys, plan.shard_positions)
+            counts = counts[0].cpu()
+            nonfinite_groups = stats.group_sum(counts, plan.group_index.cpu(), G)
+            offenders = [(plan.names[i], int(c)) for i, c in enumerate(counts.tolist()) if c > 0]
+            details["nonfinite_parameters"] = offenders
+            if offenders:
+                shown = ", ".join(f"{n} ({c})" for n, c in offenders[:5])
+                rank_zero_warn(f"GradientMonitor: non-finite gradient values in {len(offenders)} parameters: {shown}.")
+        for i, g in enumerate(plan.group_names):
+            values[f"{PREFIX}/grad_nonfinite/{g}"] = float(nonfinite_groups[i])
+        if self.histograms:
+            details["histograms"] = self._histograms(plan, grads, nonfinite_groups.tolist())
+        return values, details
+
+    def _histograms(
+        self, plan: _Plan, grads: Sequence[Tensor | None], nonfinite: Sequence[float]
+    ) -> dict[str, stats.Histogram]:
+        """Per group: a shared range over all shards first, then counts summed over shards."""
+        out = {}
+        bins = self.histogram_bins
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(plan.group_index.tolist()):
+            members.setdefault(g, []).append(i)
+        for g, idx in members.items():
+            key = next((k for k in map(distributed.shard_key, (plan.params[i] for i in idx)) if k), ())
+            tensors, _ = self._present([grads[i] for i in idx])
+            lo, neg_hi = distributed.all_reduce_over(
+                stats.finite_range(tensors).to(plan.group_index.device), key, "min"
+            ).tolist()
+            if not math.isfinite(lo):  # no finite value at all
+                out[plan.group_names[g]] = stats.Histogram([], [], 0.0, 0.0, 0.0, 0.0, 0.0, int(nonfinite[g]))
+                continue
+            hi = -neg_hi
+            counted = distributed.all_reduce_over(stats.histogram_counts(tensors, lo, hi, bins), key, "sum").cpu()
+            num, total, sumsq = counted[bins:].tolist()
+            out[plan.group_names[g]] = stats.Histogram(
+                counts=counted[:bins].tolist(),
+                edges=stats.histogram_edges(lo, hi, bins),
+                min=lo,
+                max=hi,
+                num=num,
+                sum=total,
+                sum_squares=sumsq,
+                nonfinite=int(nonfinite[g]),
+            )
+        return out
+
+    def _snapshot(self, plan: _Plan) -> tuple[list[Tensor], Tensor]:
+        local = [distributed.local_part(p.detach()) for p in plan.params]
+        param_sumsq, _ = self._per_param(plan, [p.detach() for p in plan.params], absmax=False)
+        return torch._foreach_mul(local, 1.0), param_sumsq
+
+    def _update_ratios(self, plan: _Plan, before: list[Tensor], param_sumsq: Tensor) -> list[float]:
+        after = [distributed.local_part(p.detach()) for p in plan.params]
+        torch._foreach_sub_(before, after)  # `before` now holds -ΔW; no second copy
+        delta_sumsq, _ = self._per_param(plan, before, absmax=False)
+        G = plan.num_groups
+        ratio = stats.group_sum(delta_sumsq, plan.group_index, G).sqrt() / stats.group_sum(
+            param_sumsq, plan.group_index, G
+        ).sqrt().clamp_min(1e-30)
+        return ratio.cpu().tolist()
+
+    # -- output ------------------------------------------------------------------------------------------------
+    def _emit(self, step: int, values: dict[str, float], details: dict[str, Any]) -> None:
+        histograms = details.pop("histograms", {})
+        self._publish(Signals(source=self.signal_source_name, step=step, values=values, details=details))
+        if self._writers is None:
+            return
+        self._writers.scalars(values, step)
+        for group, hist in histograms.items():
+            self._writers.histogram(f"{PREFIX}/grad_hist/{group}", hist, step)
+
+    def _write_layout(self) -> None:
+        families = ["grad_norm", "grad_absmax", "param_norm", "grad_nonfinite"]
+        if self.update_ratio:
+            families.append("update_ratio")
+        self._writers.custom_scalars(
+            "llmdbg: gradients", {f"{PREFIX}/{f}": [rf"{PREFIX}/{f}/.*"] for f in families}
+        )

@@ -1,0 +1,87 @@
+"""Shared pieces for tests: a small reference GPT, trainer settings, event-file reading, independent norms."""
+
+from __future__ import annotations
+
+import re
+
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule
+
+SMALL = dict(vocab_size=256, block_size=32, n_layer=3, n_head=4, n_embd=32)
+
+
+def small_gpt(seed: int = 0, **overrides) -> TinyGPTModule:
+    pl.seed_everything(seed, verbose=False)
+    return TinyGPTModule(GPTConfig(**{**SMALL, **overrides}))
+
+
+def small_data(batch_size: int = 4, train_samples: int = 256) -> PydocDataModule:
+    return PydocDataModule(block_size=SMALL["block_size"], batch_size=batch_size, train_samples=train_samples)
+
+
+def trainer_kwargs(**overrides) -> dict:
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    base.update(overrides)
+    return base
+
+
+def read_events(log_dir: str) -> EventAccumulator:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+# The groups of the reference GPT, written out by hand so that the test does not lean on the selection module.
+def reference_group_of(name: str) -> str:
+    name = name.removeprefix("model.")
+    match = re.match(r"transformer\.h\.(\d+)\.", name)
+    if match:
+        return f"block_{match.group(1)}"
+    if name.startswith(("transformer.wte", "transformer.wpe")):
+        return "embeddings"
+    if name.startswith("transformer.ln_f"):
+        return "ln_f"
+    if name.startswith("lm_head"):
+        return "head"
+    raise AssertionError(name)
+
+
+def independent_group_norms(module: torch.nn.Module) -> dict[str, float]:
+    """Float64 L2 norms of each group's concatenated gradient, and the total."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            parts.setdefault(reference_group_of(name), []).append(p.grad.detach().double().flatten())
+    norms = {g: torch.cat(v).norm().item() for g, v in parts.items()}
+    norms["total"] = torch.cat([torch.cat(v) for v in parts.values()]).norm().item()
+    return norms
+
+
+class RecordGradNorms(pl.Callback):
+    """Records independent per-group gradient norms at the same hook the monitor measures in."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.by_step[trainer.global_step] = independent_group_norms(pl_module)
+
+
+def assert_close(actual: float, expected: float, rel: float, what: str = "") -> None:
+    err = abs(actual - expected) / max(abs(expected), 1e-30)
+    assert err < rel, f"{what}: {actual} vs {expected} (relative error {err:.2e} >= {rel:.0e})"
