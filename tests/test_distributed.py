@@ -1,0 +1,58 @@
+"""DDP and FSDP2 on CPU with 2 processes log the same per-group statistics as one process on the same global batch."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_close, read_events, scalars
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def _run(mode: str, out_dir: Path, timeout: float = 240) -> Path:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    # A new session so that a hang kills both ranks (the second rank is a grandchild of this process).
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), mode, str(out_dir)],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{mode} run hung for {timeout}s:\n{output[-3000:]}")
+    assert proc.returncode == 0, f"{mode} run failed:\n{output[-5000:]}"
+    return out_dir / mode / "version_0"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return read_events(str(_run("single", tmp_path_factory.mktemp("single"))))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_log_the_single_process_statistics(mode, single, tmp_path):
+    events = read_events(str(_run(mode, tmp_path)))
+    tags = [t for t in single.Tags()["scalars"] if t.startswith("llmdbg/")]
+    assert {t.split("/")[1] for t in tags} >= {"grad_norm", "grad_absmax", "param_norm", "grad_nonfinite", "update_ratio"}
+    assert sorted(t for t in events.Tags()["scalars"] if t.startswith("llmdbg/")) == sorted(tags)
+    for tag in tags:
+        expected, logged = scalars(single, tag), scalars(events, tag)
+        assert sorted(logged) == sorted(expected) == [0, 1, 2], tag
+        for step, value in expected.items():
+            if value == 0.0:
+                assert logged[step] == 0.0, tag
+            else:
+                assert_close(logged[step], value, 1e-4, f"{mode} {tag}@{step}")
+    for tag in single.Tags()["histograms"]:
+        for a, b in zip(single.Histograms(tag), events.Histograms(tag)):
+            assert a.histogram_value.num == b.histogram_value.num, tag  # every shard counted, none twice
+            assert_close(b.histogram_value.max, a.histogram_value.max, 1e-4, tag)

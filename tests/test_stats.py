@@ -1,0 +1,57 @@
+import math
+
+import torch
+
+from lightning_llmdbg import stats
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(2, 2, 2, generator=g)]
+
+
+def test_per_tensor_sums_of_squares_and_maxima_with_missing_entries():
+    ts = _tensors()
+    sumsq = stats.per_tensor_sumsq(ts, 5, [0, 2, 4], torch.device("cpu"))
+    absmax = stats.per_tensor_absmax(ts, 5, [0, 2, 4], torch.device("cpu"))
+    assert torch.allclose(sumsq, torch.tensor([float((t.double() ** 2).sum()) if t is not None else 0.0 for t in [ts[0], None, ts[1], None, ts[2]]]).float())
+    assert absmax.tolist() == [ts[0].abs().max().item(), 0.0, ts[1].abs().max().item(), 0.0, ts[2].abs().max().item()]
+
+
+def test_bf16_norms_are_accumulated_in_float32():
+    t = torch.full((4096,), 0.01, dtype=torch.bfloat16)
+    sumsq = stats.per_tensor_sumsq([t], 1, [0], torch.device("cpu"))
+    assert sumsq.dtype == torch.float32
+    assert math.isclose(sumsq.item(), 4096 * float(t[0]) ** 2, rel_tol=1e-5)
+
+
+def test_nonfinite_counts():
+    t = torch.zeros(10)
+    t[[1, 4]] = float("nan")
+    t[7] = float("-inf")
+    assert stats.per_tensor_nonfinite([t, torch.ones(3)], 2, [0, 1], torch.device("cpu")).tolist() == [3.0, 0.0]
+
+
+def test_group_reductions():
+    index = torch.tensor([0, 1, 0, 2])
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert stats.group_sum(values, index, 3).tolist() == [4.0, 2.0, 4.0]
+    assert stats.group_max(values, index, 3).tolist() == [3.0, 2.0, 4.0]
+    assert math.isnan(stats.group_max(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]), 1).item())
+
+
+def test_histogram_of_finite_values_only():
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0, float("nan"), float("inf")])
+    lo, neg_hi = stats.finite_range([t]).tolist()
+    assert (lo, -neg_hi) == (0.0, 3.0)
+    counted = stats.histogram_counts([t], lo, -neg_hi, bins=3)
+    assert counted[:3].tolist() == [1.0, 1.0, 2.0]
+    assert counted[3:].tolist() == [4.0, 6.0, 14.0]
+    assert stats.histogram_edges(lo, -neg_hi, 3) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_histogram_of_constant_values_has_a_width():
+    edges = stats.histogram_edges(2.0, 2.0, 4)
+    assert edges[0] == 2.0 and edges[-1] > 2.0
+    assert stats.histogram_counts([torch.full((3,), 2.0)], 2.0, 2.0, 4)[:4].sum() == 3
+    assert stats.finite_range([torch.tensor([float("nan")])]).tolist() == [math.inf, math.inf]
