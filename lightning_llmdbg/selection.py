@@ -136,13 +136,8 @@ def glob_groups(spec: Mapping[str, str | Sequence[str]], names: Sequence[str]) -
     groups: dict[str, list[str]] = {}
     taken: set[str] = set()
     for group, patterns in spec.items():
-        if not isinstance(group, str) or not group:
-            raise ValueError(f"Group names must be non-empty strings, got {group!r}.")
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         members: list[str] = []
-        for pattern in patterns:
-            if not isinstance(pattern, str):
-                raise ValueError(f"Group {group!r}: patterns must be strings, got {pattern!r}.")
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
             matched = fnmatch.filter(names, pattern)
             if not matched:
                 raise no_match_error("parameter", pattern, names)
@@ -163,6 +158,12 @@ def validate_group_spec(groups: GroupSpec) -> None:
     elif isinstance(groups, Mapping):
         if not groups:
             raise ValueError("`groups` is an empty dict; give at least one {group_name: glob}.")
+        for group, patterns in groups.items():
+            if not isinstance(group, str) or not group:
+                raise ValueError(f"Group names must be non-empty strings, got {group!r}.")
+            listed = [patterns] if isinstance(patterns, str) else patterns
+            if not isinstance(listed, Sequence) or not listed or not all(isinstance(p, str) for p in listed):
+                raise ValueError(f"Group {group!r} needs a glob or a non-empty list of globs, got {patterns!r}.")
     else:
         raise ValueError(f"`groups` must be a mode name or a dict of globs, got {groups!r}.")
 

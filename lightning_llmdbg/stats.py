@@ -29,9 +29,12 @@ def per_tensor_absmax(tensors: Sequence[Tensor], size: int, present: Sequence[in
     """Largest absolute value of each tensor (NaN if the tensor holds a NaN), scattered like :func:`per_tensor_sumsq`."""
     out = torch.zeros(size, dtype=torch.float32, device=device)
     if tensors:
-        out[torch.as_tensor(present, device=device)] = torch.stack(
-            torch._foreach_norm(list(tensors), float("inf"))
-        ).float()
+        if device.type == "cpu":
+            # On CPU the fused inf-norm takes a slow path (about 6x the per-tensor abs().amax() seen here).
+            maxima = torch.stack([t.abs().amax() for t in tensors])
+        else:
+            maxima = torch.stack(torch._foreach_norm(list(tensors), float("inf")))
+        out[torch.as_tensor(present, device=device)] = maxima.float()
     return out
 
 

@@ -99,3 +99,11 @@ def test_param_groups_by_name_or_index():
 def test_unknown_mode_names_the_value(bad):
     with pytest.raises(ValueError, match=repr(bad)):
         resolve_groups(small_gpt(), bad)
+
+
+@pytest.mark.parametrize("bad", [{}, {"": "*"}, {"attn": 3}, {"attn": []}, {"attn": ["*", None]}])
+def test_bad_glob_specs_name_the_value(bad):
+    from lightning_llmdbg.selection import validate_group_spec
+
+    with pytest.raises(ValueError):
+        validate_group_spec(bad)

@@ -75,6 +75,9 @@ class GradientMonitor(Callback, SignalSource):
         update_ratio: log the update-to-weight ratio.
         histograms: log gradient histograms.
         histogram_bins: bins per histogram.
+        absmax: log ``grad_absmax``. Each statistic is one more pass over memory on a sampled step: with
+            ``absmax=False, param_norm=False`` a sampled step costs about one fused norm pass (see BENCHMARKS.md).
+        param_norm: log ``param_norm``.
 
     Example::
 
@@ -94,6 +97,8 @@ class GradientMonitor(Callback, SignalSource):
         update_ratio: bool = False,
         histograms: bool = False,
         histogram_bins: int = 64,
+        absmax: bool = True,
+        param_norm: bool = True,
     ) -> None:
         validate_group_spec(groups)
         self.schedule = SamplingSchedule(every_n_steps=every_n_steps, warmup_steps=warmup_steps)
@@ -103,6 +108,8 @@ class GradientMonitor(Callback, SignalSource):
         self.update_ratio = bool(update_ratio)
         self.histograms = bool(histograms)
         self.histogram_bins = histogram_bins
+        self.absmax = bool(absmax)
+        self.param_norm = bool(param_norm)
         self.last_sampled_step = -1
         self.samples_taken = 0
         self._plans: dict[int, _Plan] = {}
@@ -135,6 +142,7 @@ class GradientMonitor(Callback, SignalSource):
         if resolved.frozen:
             shown = ", ".join(resolved.frozen[:5]) + (", ..." if len(resolved.frozen) > 5 else "")
             rank_zero_info(f"GradientMonitor: skipping {len(resolved.frozen)} frozen parameters ({shown}).")
+        group_order = {group: i for i, group in enumerate(resolved.groups)}
         group_of = {name: group for group, members in resolved.groups.items() for name, _ in members}
         named = {name: p for members in resolved.groups.values() for name, p in members}
         by_id = {id(p): name for name, p in named.items()}
@@ -144,6 +152,7 @@ class GradientMonitor(Callback, SignalSource):
             if not names:
                 continue
             total = "total" if len(optimizers) == 1 else f"total_opt{i}"
+            names.sort(key=lambda n: group_order[group_of[n]])  # groups in model order, not optimizer order
             self._plans[id(optimizer)] = self._make_plan(names, [named[n] for n in names], group_of, total)
         if self._writers is not None:
             self._write_layout()
@@ -153,9 +162,9 @@ class GradientMonitor(Callback, SignalSource):
         plan = self._plans.get(id(optimizer))
         if plan is None or not self.schedule.is_sampled(step):
             return
-        values, details = self._measure(plan)
+        values, details, param_sumsq = self._measure(plan)
         if self.update_ratio:
-            self._pending_update = (plan, step, *self._snapshot(plan))
+            self._pending_update = (plan, step, self._snapshot(plan), param_sumsq)
         self.last_sampled_step = step
         self.samples_taken += 1
         self._emit(step, values, details)
@@ -218,32 +227,36 @@ class GradientMonitor(Callback, SignalSource):
         distributed.reduce_sharded(sumsq, maxes, plan.shard_keys, plan.shard_positions)
         return sumsq[0], maxes
 
-    def _measure(self, plan: _Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    def _measure(self, plan: _Plan) -> tuple[dict[str, float], dict[str, Any], Tensor | None]:
+        """All statistics of a sampled step; returns the keyed values, details, and per-parameter sums of squares
+        of the parameters (None unless needed) so that the update ratio does not measure them again."""
         grads = [p.grad for p in plan.params]
-        grad_sumsq, grad_max = self._per_param(plan, grads, absmax=True)
-        param_sumsq, _ = self._per_param(plan, [p.detach() for p in plan.params], absmax=False)
         G = plan.num_groups
+        grad_sumsq, grad_max = self._per_param(plan, grads, absmax=self.absmax)
+        need_params = self.param_norm or self.update_ratio
+        param_sumsq = self._per_param(plan, [p.detach() for p in plan.params], absmax=False)[0] if need_params else None
         group_grad = stats.group_sum(grad_sumsq, plan.group_index, G)
-        packed = torch.cat(
-            [
-                group_grad.sqrt(),
-                group_grad.sum().sqrt().unsqueeze(0),
-                stats.group_max(grad_max, plan.group_index, G),
-                stats.group_sum(param_sumsq, plan.group_index, G).sqrt(),
-            ]
-        ).cpu()  # the one device -> host transfer of a sampled step
-        grad_norm, total, absmax, param_norm = packed.split([G, 1, G, G])
-        values: dict[str, float] = {}
-        for i, g in enumerate(plan.group_names):
-            values[f"{PREFIX}/grad_norm/{g}"] = float(grad_norm[i])
+        parts = [group_grad.sqrt(), group_grad.sum().sqrt().unsqueeze(0)]
+        if self.absmax:
+            parts.append(stats.group_max(grad_max, plan.group_index, G))
+        if self.param_norm:
+            parts.append(stats.group_sum(param_sumsq, plan.group_index, G).sqrt())
+        packed = torch.cat(parts).cpu()  # the one device -> host transfer of a sampled step
+        grad_norm, total, *rest = packed.split([G, 1] + [G] * (len(parts) - 2))
+        absmax = rest.pop(0) if self.absmax else None
+        param_norm = rest.pop(0) if self.param_norm else None
+
+        values = {f"{PREFIX}/grad_norm/{g}": float(v) for g, v in zip(plan.group_names, grad_norm)}
         values[f"{PREFIX}/grad_norm/{plan.total_key}"] = float(total[0])
-        for i, g in enumerate(plan.group_names):
-            values[f"{PREFIX}/grad_absmax/{g}"] = float(absmax[i])
-            values[f"{PREFIX}/param_norm/{g}"] = float(param_norm[i])
+        if absmax is not None:
+            values.update({f"{PREFIX}/grad_absmax/{g}": float(v) for g, v in zip(plan.group_names, absmax)})
+        if param_norm is not None:
+            values.update({f"{PREFIX}/param_norm/{g}": float(v) for g, v in zip(plan.group_names, param_norm)})
 
         details: dict[str, Any] = {}
         nonfinite_groups = torch.zeros(G)
-        if not math.isfinite(float(total[0])) or not torch.isfinite(absmax).all():
+        # NaN and Inf propagate into the sums and maxima, so finite totals prove there is nothing to count.
+        if not math.isfinite(float(total[0])) or (absmax is not None and not torch.isfinite(absmax).all()):
             # Slow path, only on a step whose norms are non-finite (the same on every rank): count per parameter.
             present, where = self._present(grads)
             counts = stats.per_tensor_nonfinite(present, len(plan.params), where, plan.group_index.device).unsqueeze(0)
@@ -255,11 +268,10 @@ class GradientMonitor(Callback, SignalSource):
             if offenders:
                 shown = ", ".join(f"{n} ({c})" for n, c in offenders[:5])
                 rank_zero_warn(f"GradientMonitor: non-finite gradient values in {len(offenders)} parameters: {shown}.")
-        for i, g in enumerate(plan.group_names):
-            values[f"{PREFIX}/grad_nonfinite/{g}"] = float(nonfinite_groups[i])
+        values.update({f"{PREFIX}/grad_nonfinite/{g}": float(v) for g, v in zip(plan.group_names, nonfinite_groups)})
         if self.histograms:
             details["histograms"] = self._histograms(plan, grads, nonfinite_groups.tolist())
-        return values, details
+        return values, details, param_sumsq
 
     def _histograms(
         self, plan: _Plan, grads: Sequence[Tensor | None], nonfinite: Sequence[float]
@@ -294,10 +306,9 @@ class GradientMonitor(Callback, SignalSource):
             )
         return out
 
-    def _snapshot(self, plan: _Plan) -> tuple[list[Tensor], Tensor]:
-        local = [distributed.local_part(p.detach()) for p in plan.params]
-        param_sumsq, _ = self._per_param(plan, [p.detach() for p in plan.params], absmax=False)
-        return torch._foreach_mul(local, 1.0), param_sumsq
+    @staticmethod
+    def _snapshot(plan: _Plan) -> list[Tensor]:
+        return torch._foreach_mul([distributed.local_part(p.detach()) for p in plan.params], 1.0)
 
     def _update_ratios(self, plan: _Plan, before: list[Tensor], param_sumsq: Tensor) -> list[float]:
         after = [distributed.local_part(p.detach()) for p in plan.params]
@@ -320,9 +331,8 @@ class GradientMonitor(Callback, SignalSource):
             self._writers.histogram(f"{PREFIX}/grad_hist/{group}", hist, step)
 
     def _write_layout(self) -> None:
-        families = ["grad_norm", "grad_absmax", "param_norm", "grad_nonfinite"]
-        if self.update_ratio:
-            families.append("update_ratio")
+        families = ["grad_norm"] + ["grad_absmax"] * self.absmax + ["param_norm"] * self.param_norm
+        families += ["grad_nonfinite"] + ["update_ratio"] * self.update_ratio
         self._writers.custom_scalars(
             "llmdbg: gradients", {f"{PREFIX}/{f}": [rf"{PREFIX}/{f}/.*"] for f in families}
         )

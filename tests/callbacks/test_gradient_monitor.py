@@ -247,3 +247,45 @@ def test_no_logger_warns_once_and_uses_python_logging(tmp_path, caplog):
     assert sum("no logger" in str(w.message) for w in warned) == 1
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_llmdbg"]
     assert len(lines) == 3 and all("llmdbg/grad_norm/total=" in line for line in lines)
+
+
+def test_statistics_can_be_switched_off(tmp_path):
+    _, events = _fit(tmp_path, [GradientMonitor(every_n_steps=1, absmax=False, param_norm=False)], max_steps=2)
+    families = {t.split("/")[1] for t in events.Tags()["scalars"] if t.startswith("llmdbg/")}
+    assert families == {"grad_norm", "grad_nonfinite"}
+
+
+def test_manual_optimization_with_two_optimizers_measures_each_optimizers_parameters(tmp_path):
+    seen = {}
+
+    class TwoOptimizers(type(small_gpt())):
+        def __init__(self, config):
+            super().__init__(config)
+            self.automatic_optimization = False
+
+        def configure_optimizers(self):
+            blocks = list(self.model.transformer.h.parameters())
+            ids = {id(p) for p in blocks}
+            rest = [p for p in self.parameters() if id(p) not in ids]
+            return torch.optim.SGD(blocks, lr=0.01), torch.optim.SGD(rest, lr=0.01)
+
+        def training_step(self, batch, batch_idx):
+            loss, _ = self._losses(batch)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for i, optimizer in enumerate(self.optimizers()):
+                params = [p for g in optimizer.optimizer.param_groups for p in g["params"]]
+                seen[(batch_idx, i)] = torch.cat([p.grad.double().flatten() for p in params]).norm().item()
+                optimizer.step()
+
+    pl.seed_everything(0)
+    model = TwoOptimizers(small_gpt().config)
+    trainer, events = _fit(tmp_path, [GradientMonitor(every_n_steps=1)], max_steps=4, model=model)
+    opt0, opt1 = scalars(events, "llmdbg/grad_norm/total_opt0"), scalars(events, "llmdbg/grad_norm/total_opt1")
+    assert len(opt0) == len(opt1) == 2  # manual optimization counts each optimizer's step
+    for (batch_idx, i), expected in seen.items():
+        logged = (opt0 if i == 0 else opt1)[2 * batch_idx + i]
+        assert_close(logged, expected, 1e-5, f"optimizer {i} at batch {batch_idx}")
+    assert set(scalars(events, "llmdbg/grad_norm/block_0")) == set(opt0)  # blocks belong to optimizer 0
+    assert set(scalars(events, "llmdbg/grad_norm/head")) == set(opt1)
