@@ -1,16 +1,29 @@
-"""Step-time overhead of GradientMonitor and its alternatives against a plain Trainer on the reference GPT.
+"""Step-time overhead of the debugger and its alternatives against a plain Trainer on the reference GPT.
 
-All configurations run in one process, interleaved: each round fits every configuration once, in an order that
-rotates from round to round, so that slow drifts of the machine (thermal, other tenants) fall on all alike.
-A configuration's overhead in a round is its mean step time over the plain Trainer's in the same round; the
-table reports the median over rounds. Mean (not median) step time, because a sampled step is the slow one.
+Interleaved in one run: one Trainer (TensorBoard and offline W&B loggers) trains the reference GPT, and every
+``--block`` optimizer steps the active arm changes; a plain block (no debugging callback) stands between every two
+measured blocks, and the measured arms come in a shuffled order per cycle:
 
-Also measured in place, on the same gradients, at the same hook: the cost of one GradientMonitor sampled step
-and the floor it is compared with, one bare ``torch._foreach_norm`` pass over all gradients with its result
-moved to the host.
+   - GradientMonitor at defaults, and at every step;
+   - Lightning's ``grad_norm`` recipe (``self.log_dict(grad_norm(self, 2))``) every step;
+   - ``WandbLogger.watch(model, log="all", log_freq=1)`` (``unwatch`` outside its blocks);
+   - ActivationProbe at defaults, and on every block at every step;
+   - a Composer-style activation monitor (hooks on every module, four statistics each read to the host) every step;
+   - a lightning-bolts ``ModuleDataMonitor``-style histogram of each block's output copied to the CPU every step.
 
-    python benchmarks/overhead.py                      # the numbers in BENCHMARKS.md
-    python benchmarks/overhead.py --rounds 2 --steps 40  # a quick look
+An arm's callback runs only in its own blocks, so all arms share the process, the data, the allocator and the
+machine. A step's time is the wall time between consecutive batch starts (everything a step costs, logging
+included). A measured block's overhead is its mean step time over the mean of the two plain blocks beside it
+(which cancels the machine's slow drift); an arm's overhead is the mean over its blocks, with a 95% bootstrap
+interval. Blocks hold a whole number of each default arm's sampling interval; the first measured block is left
+out (GradientMonitor's warm-up samples every step there).
+
+Also measured in place, at the hook, on the same gradients: the cost of one GradientMonitor sampled step
+(measurement, and writing) and the floor, one bare ``torch._foreach_norm`` pass over all gradients with its
+result moved to the host.
+
+    python benchmarks/overhead.py                               # the numbers in BENCHMARKS.md
+    python benchmarks/overhead.py --cycles 2     # a quick look
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -32,26 +46,73 @@ import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from pytorch_lightning.utilities import grad_norm  # noqa: E402
 
-from lightning_llmdbg import GradientMonitor  # noqa: E402
+from lightning_llmdbg import ActivationProbe, GradientMonitor  # noqa: E402
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule  # noqa: E402
 
+STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
 
-class StepTimer(pl.Callback):
-    """Wall time between consecutive batch starts: everything a step costs, logging included."""
 
-    def __init__(self, skip: int) -> None:
-        self.skip = skip
-        self.starts: list[float] = []
+class StepTimes(pl.Callback):
+    """Wall time between consecutive batch starts, by the step that started it."""
 
-    def on_train_batch_start(self, *args) -> None:
-        self.starts.append(time.perf_counter())
+    def __init__(self) -> None:
+        self.starts: dict[int, float] = {}
 
-    def on_train_end(self, *args) -> None:
-        self.starts.append(time.perf_counter())
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.starts[trainer.global_step] = time.perf_counter()
 
-    def mean_step(self) -> float:
-        times = [b - a for a, b in zip(self.starts[self.skip :], self.starts[self.skip + 1 :])]
-        return statistics.fmean(times)
+    def on_train_end(self, trainer, *args) -> None:
+        self.starts[trainer.global_step] = time.perf_counter()
+
+    def durations(self) -> dict[int, float]:
+        return {s: self.starts[s + 1] - t for s, t in self.starts.items() if s + 1 in self.starts}
+
+
+class ArmSchedule:
+    """Which arm runs at a step: blocks of ``block`` steps, a plain block before every measured block
+    (P X₁ P X₂ … P), the measured arms shuffled within each cycle."""
+
+    def __init__(self, arms: list[str], block: int, cycles: int, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.block = block
+        self.active: str | None = None
+        self.blocks = [b for _ in range(cycles) for arm in rng.sample(arms, len(arms)) for b in ("plain", arm)]
+        self.blocks.append("plain")
+
+    @property
+    def steps(self) -> int:
+        return self.block * len(self.blocks)
+
+    def arm_at(self, step: int) -> str:
+        return self.blocks[min(step // self.block, len(self.blocks) - 1)]
+
+
+class OnlyInArm(pl.Callback):
+    """Runs ``inner``'s per-step hooks only in ``arm``'s blocks; setup and teardown hooks always."""
+
+    def __init__(self, inner: pl.Callback, arm: str, schedule: ArmSchedule) -> None:
+        self.inner, self.arm, self.schedule = inner, arm, schedule
+
+    @property
+    def state_key(self) -> str:
+        return f"OnlyInArm[{self.arm}]"
+
+    def __getattribute__(self, name):
+        if name in STEP_HOOKS:
+            inner = object.__getattribute__(self, "inner")
+            schedule, arm = object.__getattribute__(self, "schedule"), object.__getattribute__(self, "arm")
+
+            def hook(trainer, *args, **kwargs):
+                # The arm is fixed at batch start: `global_step` moves on inside the batch.
+                if name == "on_train_batch_start":
+                    schedule.active = schedule.arm_at(trainer.global_step)
+                if schedule.active == arm:
+                    getattr(inner, name)(trainer, *args, **kwargs)
+
+            return hook
+        if name in ("setup", "on_fit_start", "on_fit_end", "teardown", "state_dict", "load_state_dict"):
+            return getattr(object.__getattribute__(self, "inner"), name)
+        return object.__getattribute__(self, name)
 
 
 class LightningGradNorm(pl.Callback):
@@ -61,53 +122,121 @@ class LightningGradNorm(pl.Callback):
         pl_module.log_dict(grad_norm(pl_module, norm_type=2))
 
 
+class ComposerStyleEveryModule(pl.Callback):
+    """What Composer's ActivationMonitor does on a logging step, here on every step: forward hooks on every module,
+    each computing l2 norm, mean, max and kurtosis of its output and reading them to the host."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+        self.metrics: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        for name, module in pl_module.named_modules():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return
+            x = out.detach().float()
+            mean, std = x.mean(), x.std()
+            self.metrics[f"activations/l2_norm/{name}"] = torch.linalg.vector_norm(x).item()
+            self.metrics[f"activations/average/{name}"] = mean.item()
+            self.metrics[f"activations/max/{name}"] = x.max().item()
+            self.metrics[f"activations/kurtosis/{name}"] = (((x - mean) / std) ** 4).mean().item()
+
+        return hook
+
+    def on_before_backward(self, *args) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics, step=trainer.global_step)
+        self.metrics = {}
+
+
+class HistogramCopyToCpu(pl.Callback):
+    """What lightning-bolts' ModuleDataMonitor does, on the transformer blocks and every step: each block's output
+    copied to the CPU and handed to ``SummaryWriter.add_histogram``."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        writer = trainer.logger.experiment
+        for i, block in enumerate(pl_module.model.transformer.h):
+            self.handles.append(block.register_forward_hook(self._hook(writer, f"block_{i}", trainer.global_step)))
+
+    @staticmethod
+    def _hook(writer, name: str, step: int):
+        def hook(module, args, output):
+            writer.add_histogram(f"output/{name}", output.detach().cpu(), global_step=step)
+
+        return hook
+
+    def on_before_backward(self, *args) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class WandbWatchAll(pl.Callback):
+    """``WandbLogger.watch(model, log="all", log_freq=1)`` while its arm is active, ``unwatch`` outside it."""
+
+    def __init__(self) -> None:
+        self.watching = False
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if not self.watching:
+            next(lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger").watch(pl_module, log="all", log_freq=1)
+            self.watching = True
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        # Unwatch at the last step of the arm's block (the arm is fixed for the batch by OnlyInArm).
+        schedule = self.schedule
+        if schedule.arm_at(trainer.global_step) != "wandb_watch_all":
+            next(lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger").experiment.unwatch(pl_module)
+            for module in pl_module.modules():  # wandb leaves this flag behind (a TODO in wandb_watch.py)
+                module._wandb_watch_called = False
+            self.watching = False
+
+
 class TimedGradientMonitor(GradientMonitor):
-    """Times each sampled step's measurement and writing, and beside it the floor on the same gradients."""
+    """Times each sampled step's measurement (device work and the one host transfer) and its writing, and beside
+    them the floor on the same gradients."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.sampled_ms: list[float] = []
-        self.floor_ms: list[float] = []
+        self.timings: dict[str, list[float]] = {"floor": [], "measure": [], "write": []}
+
+    def _timed(self, what: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        self.timings[what].append((time.perf_counter() - start) * 1e3)
+        return out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        start = time.perf_counter()
-        torch.stack(torch._foreach_norm(grads)).cpu()
-        self.floor_ms.append((time.perf_counter() - start) * 1e3)
-        start = time.perf_counter()
+        self._timed("floor", lambda: torch.stack(torch._foreach_norm(grads)).cpu())
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.sampled_ms.append((time.perf_counter() - start) * 1e3)
+
+    def _measure(self, plan):
+        return self._timed("measure", super()._measure, plan)
+
+    def _emit(self, step, values, details):
+        return self._timed("write", super()._emit, step, values, details)
 
 
-def fit(config: str, args: argparse.Namespace, log_root: str) -> tuple[float, pl.Callback | None]:
-    pl.seed_everything(0, verbose=False)
-    model = TinyGPTModule(GPTConfig())
-    data = PydocDataModule(block_size=model.config.block_size, batch_size=args.batch_size, train_samples=args.steps * args.batch_size)
-    loggers = [TensorBoardLogger(log_root, name=config)]
-    extra: pl.Callback | None = None
-    if config == "monitor_default":
-        extra = GradientMonitor()
-    elif config == "monitor_every_step":
-        extra = GradientMonitor(every_n_steps=1)
-    elif config == "monitor_every_step_timed":
-        extra = TimedGradientMonitor(every_n_steps=1)
-    elif config == "monitor_every_step_norm_only_timed":
-        extra = TimedGradientMonitor(every_n_steps=1, absmax=False, param_norm=False)
-    elif config == "lightning_grad_norm":
-        extra = LightningGradNorm()
-    if config.startswith("wandb"):
-        from pytorch_lightning.loggers import WandbLogger
-
-        wandb_logger = WandbLogger(save_dir=log_root, offline=True, project="llmdbg-bench", name=config)
-        loggers.append(wandb_logger)
-        if config == "wandb_watch_all":
-            wandb_logger.watch(model, log="all", log_freq=1)
-    timer = StepTimer(skip=args.skip)
-    trainer = pl.Trainer(
+def make_trainer(steps: int, loggers: list, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
         accelerator="cpu",
-        max_steps=args.steps,
+        max_steps=steps,
         logger=loggers,
-        callbacks=[c for c in (extra, timer) if c is not None],
+        callbacks=callbacks,
         log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -115,74 +244,101 @@ def fit(config: str, args: argparse.Namespace, log_root: str) -> tuple[float, pl
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(model, data)
-    if config.startswith("wandb"):
+
+
+def model_and_data(steps: int, batch_size: int) -> tuple[TinyGPTModule, PydocDataModule]:
+    pl.seed_everything(0, verbose=False)
+    model = TinyGPTModule(GPTConfig())
+    return model, PydocDataModule(block_size=model.config.block_size, batch_size=batch_size, train_samples=steps * batch_size)
+
+
+def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int, cycles: int, log_root: str) -> dict:
+    """One fit with the arms interleaved; each measured block against the mean of the plain blocks beside it."""
+    # Each default arm's block holds a whole number of its sampling interval.
+    assert all(block % cb.schedule.every_n_steps == 0 for cb in arms.values() if hasattr(cb, "schedule"))
+    schedule = ArmSchedule(list(arms), block, cycles)
+    for cb in arms.values():
+        cb.schedule = getattr(cb, "schedule", schedule)
+    timer = StepTimes()
+    callbacks = [OnlyInArm(cb, arm, schedule) for arm, cb in arms.items()] + [timer]
+    model, data = model_and_data(schedule.steps, args.batch_size)
+    loggers = [TensorBoardLogger(log_root, name="arms")]
+    if any(isinstance(cb, WandbWatchAll) for cb in arms.values()):
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=log_root, offline=True, project="llmdbg-bench"))
+    make_trainer(schedule.steps, loggers, callbacks).fit(model, data)
+    if len(loggers) > 1:
         import wandb
 
         wandb.finish()
-    return timer.mean_step(), extra
+
+    durations = timer.durations()
+    means = [statistics.fmean(durations[s] for s in range(i * block, (i + 1) * block)) for i in range(len(schedule.blocks))]
+    ratios: dict[str, list[float]] = {arm: [] for arm in arms}
+    # Blocks 0 and 1 hold GradientMonitor's warm-up (every step sampled): left out.
+    for i in range(3, len(schedule.blocks) - 1, 2):
+        ratios[schedule.blocks[i]].append(means[i] / ((means[i - 1] + means[i + 1]) / 2))
+    rng = random.Random(1)
+    results = {}
+    for arm, values in ratios.items():
+        boot = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(2000))
+        results[arm] = {"ratio": statistics.fmean(values), "ci95": (boot[49], boot[1949]), "blocks": len(values)}
+    plain_ms = statistics.median(d for s, d in durations.items() if schedule.arm_at(s) == "plain") * 1e3
+    return {"plain_step_ms": plain_ms, "steps": schedule.steps, "block": block, "arms": results}
 
 
-CONFIGS = [
-    "plain",
-    "monitor_default",
-    "monitor_every_step",
-    "lightning_grad_norm",
-    "wandb_logger_only",
-    "wandb_watch_all",
-]
+GRADIENT_ARMS = {
+    "gradient_monitor_default": lambda: GradientMonitor(),
+    "gradient_monitor_every_step": lambda: GradientMonitor(every_n_steps=1),
+    "lightning_grad_norm_every_step": lambda: LightningGradNorm(),
+    "wandb_watch_all": lambda: WandbWatchAll(),
+}
+
+
+def run_sampled_step_cost(args: argparse.Namespace, log_root: str) -> dict:
+    out = {}
+    for name, kwargs in {"defaults": {}, "grad_norm_only": {"absmax": False, "param_norm": False}}.items():
+        monitor = TimedGradientMonitor(every_n_steps=1, **kwargs)
+        model, data = model_and_data(60, args.batch_size)
+        make_trainer(60, [TensorBoardLogger(log_root, name=f"timed_{name}")], [monitor]).fit(model, data)
+        out[name] = {what: statistics.median(ms[10:]) for what, ms in monitor.timings.items()}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=110, help="steps per fit (default: %(default)s)")
-    parser.add_argument("--skip", type=int, default=10, help="first steps of each fit left out of the mean")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--cycles", type=int, default=12, help="cycles of arms in the one-fit run (default: %(default)s)")
+    parser.add_argument("--block", type=int, default=25, help="steps per block (a multiple of 25)")
+    parser.add_argument("--batch-size", type=int, default=16, help="the demo's batch (default: %(default)s)")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
 
-    per_round: dict[str, list[float]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as log_root:
-        for r in range(args.rounds):
-            order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
-            times = {c: fit(c, args, log_root)[0] for c in order}
-            for c in CONFIGS:
-                per_round[c].append(times[c])
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c} {times[c] * 1e3:.1f}ms" for c in CONFIGS), flush=True)
-        _, timed = fit("monitor_every_step_timed", args, log_root)
-        _, timed_norm_only = fit("monitor_every_step_norm_only_timed", args, log_root)
+        arms = run_arms({k: make() for k, make in GRADIENT_ARMS.items()}, args, args.block, args.cycles, log_root)
+        cost = run_sampled_step_cost(args, log_root)
 
-    def ratio(config: str, base: str = "plain") -> float:
-        return statistics.median(a / b for a, b in zip(per_round[config], per_round[base]))
-
-    def median_ms(values: list[float]) -> float:
-        return statistics.median(values[args.skip :])
-
-    floor = median_ms(timed.floor_ms)
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "command": "python " + " ".join(sys.argv),
-        "plain_step_ms": statistics.median(per_round["plain"]) * 1e3,
-        "ratios": {c: ratio(c) for c in CONFIGS if c != "plain"},
-        "wandb_watch_vs_wandb_logger": ratio("wandb_watch_all", "wandb_logger_only"),
-        "floor_ms": floor,
-        "sampled_step_ms": median_ms(timed.sampled_ms),
-        "sampled_step_norm_only_ms": median_ms(timed_norm_only.sampled_ms),
-        "per_round_ms": {c: [t * 1e3 for t in v] for c, v in per_round.items()},
+        "plain_step_ms": arms["plain_step_ms"],
+        "arms": arms["arms"],
+        "sampled_step_cost_ms": cost,
     }
     print(json.dumps(results, indent=2))
-    print("\n| configuration | step time / plain Trainer |\n|---|---|")
-    for c, v in results["ratios"].items():
-        print(f"| {c} | {v:.4f} |")
-    print(f"| wandb_watch_all / wandb_logger_only | {results['wandb_watch_vs_wandb_logger']:.4f} |")
-    print(
-        f"\nplain step {results['plain_step_ms']:.1f} ms; floor (one _foreach_norm pass + host copy) {floor:.3f} ms; "
-        f"GradientMonitor sampled step {results['sampled_step_ms']:.3f} ms ({results['sampled_step_ms'] / floor:.2f}x floor); "
-        f"norms only {results['sampled_step_norm_only_ms']:.3f} ms ({results['sampled_step_norm_only_ms'] / floor:.2f}x floor)"
-    )
+    print(f"\n{results['machine']}; reference GPT (1.9M parameters), batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
+    print("| configuration | step time / plain Trainer | 95% interval |\n|---|---|---|")
+    for arm, r in results["arms"].items():
+        print(f"| {arm} (one fit, {r['blocks']} blocks of {arms['block']} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")
+    print("\n| GradientMonitor sampled step | measure (ms) | write (ms) | floor (ms) | measure / floor | (measure + write) / floor |")
+    print("|---|---|---|---|---|---|")
+    for name, c in cost.items():
+        print(
+            f"| {name} | {c['measure']:.3f} | {c['write']:.3f} | {c['floor']:.3f} | {c['measure'] / c['floor']:.2f} | "
+            f"{(c['measure'] + c['write']) / c['floor']:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

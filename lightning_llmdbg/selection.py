@@ -218,3 +218,115 @@ def resolve_groups(
         groups={g: [(n, by_name[n]) for n in members] for g, members in name_groups.items() if members},
         frozen=frozen,
     )
+
+
+# -- modules -------------------------------------------------------------------------------------------------------
+ModuleSpec = Union[str, Sequence[Union[str, type]]]
+_ATTENTION_NAMES = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention)$")
+
+
+def _outermost(names: Sequence[str]) -> list[str]:
+    """Drop every name that lies inside another name of the list (a pattern selects the outermost matches)."""
+    chosen = set(names)
+    return [n for n in names if not any(n.startswith(other + ".") for other in chosen if other != n)]
+
+
+def block_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The transformer blocks of ``root`` keyed as GradientMonitor's groups are (``block_3``, or ``encoder.block.3``)."""
+    modules = dict(root.named_modules())
+    blocks = block_index_of([name + "." for name in modules])
+    containers = sorted({c for c, _ in blocks.values()})
+    found = {}
+    for container, index in sorted(set(blocks.values()), key=lambda k: (containers.index(k[0]), k[1])):
+        name = f"{container}.{index}"
+        if name in modules:
+            found[_block_group_name(container, index, len(containers) == 1)] = modules[name]
+    return found
+
+
+def _glob_matches(name: str, pattern: str) -> bool:
+    # Patterns may be written relative to a wrapped model: "transformer.h.*" also matches "model.transformer.h.0".
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def _relative_key(name: str, pattern: str) -> str:
+    """The part of ``name`` the pattern describes: wrappers before its first literal component are dropped."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if fnmatch.fnmatchcase(".".join(parts[i:]), pattern):
+            return ".".join(parts[i:])
+    return name
+
+
+def resolve_modules(root: nn.Module, spec: ModuleSpec = "blocks") -> dict[str, nn.Module]:
+    """Modules to probe, keyed by the name used in logged keys.
+
+    Args:
+        root: the model.
+        spec: ``"blocks"`` (each transformer block), or a list of globs over ``named_modules()`` names and/or
+            module types. A glob selects the outermost modules it matches (``"transformer.h.*"`` gives the blocks,
+            not every module inside them) and may be written relative to a wrapper (``"transformer.h.*"``
+            matches ``model.transformer.h.0``); a type selects every module of that type.
+
+    Raises:
+        ValueError: a pattern or type that matches nothing (with the closest module names), or no blocks found.
+    """
+    validate_module_spec(spec)
+    named = [(n, m) for n, m in root.named_modules() if n]
+    names = [n for n, _ in named]
+    if spec == "blocks":
+        found = block_modules(root)
+        if not found:
+            raise ValueError(
+                "No transformer blocks found (no module path with a numeric index shared by at least two modules). "
+                f"Pass `modules=[...]` with globs over module names, e.g. {closest_names('layers', names, 3)}."
+            )
+        return found
+    found = {}
+    for item in spec:
+        if isinstance(item, str):
+            matched = _outermost([n for n in names if _glob_matches(n, item)])
+            if not matched:
+                raise no_match_error("module", item, names)
+            for n in matched:
+                found.setdefault(_relative_key(n, item), dict(named)[n])
+        else:
+            matched = [n for n, m in named if isinstance(m, item)]
+            if not matched:
+                kinds = sorted({type(m).__name__ for _, m in named})
+                raise ValueError(f"No module of type {item.__name__!r}. Module types present: {', '.join(kinds[:12])}.")
+            for n in matched:
+                found.setdefault(n, dict(named)[n])
+    return found
+
+
+def validate_module_spec(spec: ModuleSpec) -> None:
+    if spec == "blocks":
+        return
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
+        raise ValueError(f'`modules` must be "blocks" or a non-empty list of globs or module types, got {spec!r}.')
+    for item in spec:
+        if not (isinstance(item, str) and item) and not (isinstance(item, type) and issubclass(item, nn.Module)):
+            raise ValueError(f"`modules` entries must be glob strings or nn.Module subclasses, got {item!r}.")
+
+
+def attention_modules(root: nn.Module, within: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Attention modules: the outermost submodule named ``attn``/``attention``/``self_attn`` of each probed module."""
+    found = {}
+    for key, module in within.items():
+        names = _outermost([n for n, m in module.named_modules() if n and _ATTENTION_NAMES.search(n)])
+        if _ATTENTION_NAMES.search(key) and not names:
+            found[key] = module
+        for n in names:
+            found[f"{key}.{n}" if len(names) > 1 else key] = module.get_submodule(n)
+    return found
+
+
+def head_module(root: nn.Module) -> nn.Module | None:
+    """The output projection to the vocabulary (``lm_head``, ``embed_out``, ``output_layer``), if there is one."""
+    for name, module in root.named_modules():
+        if name.split(".")[-1] in ("lm_head", "embed_out", "output_layer") and isinstance(module, nn.Linear):
+            return module
+    return None

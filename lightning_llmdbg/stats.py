@@ -5,6 +5,7 @@ Everything stays on the tensors' device; callers move one stacked result to the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,3 +113,135 @@ def _nonempty_span(lo: float, hi: float) -> tuple[float, float]:
     if hi > lo:
         return lo, hi
     return lo, lo + max(abs(lo) * 1e-6, 1e-12)
+
+
+# -- activations ---------------------------------------------------------------------------------------------------
+# Thresholds of LLM.int8 (Dettmers et al., 2022): a hidden dimension is an outlier feature when |x| >= 6 at
+# >= 6% of positions (the paper also asks for >= 25% of layers, which is a question across layers, left to readers).
+OUTLIER_MAGNITUDE = 6.0
+OUTLIER_FRACTION = 0.06
+
+# Sums that add up across micro-batches and ranks: [rows, elements, Σx, Σx², Σx³, Σx⁴, zeros], then per channel
+# Σx² (C) and the count of |x| >= 6 (C). Maxima: [max |x|], then per channel max x (C).
+ACT_SCALARS = 7
+
+
+def activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Partial sums (float64) and maxima (float32) of one activation ``[..., C]``; see :func:`activation_stats`."""
+    x = x.detach()
+    flat = x.reshape(-1, x.shape[-1]).float()
+    sq = flat * flat
+    sums = torch.cat(
+        [
+            torch.tensor([flat.shape[0], flat.numel()], dtype=torch.float64, device=flat.device),
+            torch.stack(
+                [
+                    flat.sum(dtype=torch.float64),
+                    sq.sum(dtype=torch.float64),
+                    (sq * flat).sum(dtype=torch.float64),
+                    (sq * sq).sum(dtype=torch.float64),
+                    (flat == 0).sum().double(),
+                ]
+            ),
+            sq.sum(0, dtype=torch.float64),
+            (flat.abs() >= OUTLIER_MAGNITUDE).sum(0).double(),
+        ]
+    )
+    maxes = torch.cat([flat.abs().amax().reshape(1), flat.amax(0)])
+    return sums, maxes
+
+
+def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
+    """Statistics from (reduced) partials, on the host.
+
+    - ``mean``, ``std`` (population), ``rms``, ``absmax`` over all values;
+    - ``zero_frac``: fraction of exact zeros;
+    - ``dead_frac``: fraction of channels (last dimension) whose value never exceeds zero;
+    - ``outliers``: channels with |x| >= 6 at >= 6% of positions (LLM.int8);
+    - ``channel_kurtosis``: E[r⁴] / E[r²]² over the per-channel RMS r (1 when all channels have the same scale);
+    - ``kurtosis``: E[(x-μ)⁴] / σ⁴ of the values (3 for a Gaussian).
+    """
+    sums = sums.double().cpu()
+    maxes = maxes.double().cpu()
+    channels = (sums.numel() - ACT_SCALARS) // 2
+    rows, n, s1, s2, s3, s4, zeros = sums[:ACT_SCALARS].tolist()
+    channel_sq = sums[ACT_SCALARS : ACT_SCALARS + channels]
+    outlier_counts = sums[ACT_SCALARS + channels :]
+    mean, ex2, ex3, ex4 = s1 / n, s2 / n, s3 / n, s4 / n
+    var = max(ex2 - mean * mean, 0.0)
+    m4 = ex4 - 4 * mean * ex3 + 6 * mean * mean * ex2 - 3 * mean**4
+    channel_ms = channel_sq / rows  # per-channel mean square = r²
+    return {
+        "mean": mean,
+        "std": math.sqrt(var),
+        "rms": math.sqrt(ex2),
+        "absmax": float(maxes[0]),
+        "zero_frac": zeros / n,
+        "dead_frac": float((maxes[1:] <= 0).double().mean()),
+        "outliers": float((outlier_counts / rows >= OUTLIER_FRACTION).sum()),
+        "channel_kurtosis": float((channel_ms * channel_ms).mean() / channel_ms.mean() ** 2),
+        "kurtosis": m4 / (var * var) if var > 0 else float("nan"),
+    }
+
+
+def attention_partials(probs: Tensor) -> Tensor:
+    """Per head ``[Σ rows' entropy −Σ p log p, number of rows]`` of attention probabilities ``[B, H, Tq, Tk]``."""
+    probs = probs.detach().float()
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, Tq]; 0·log 0 = 0
+    rows = entropy.shape[0] * entropy.shape[2]
+    per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
+    return torch.cat([per_head, torch.full_like(per_head, rows)])
+
+
+def attention_stats(partials: Tensor) -> dict[str, float]:
+    heads = partials.numel() // 2
+    per_head = partials[:heads] / partials[heads:]
+    return {"entropy_mean": float(per_head.mean()), "entropy_min": float(per_head.min())}
+
+
+def logit_partials(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``[Σ logsumexp², positions]`` and ``[max logit]`` of output logits ``[..., V]``."""
+    logits = logits.detach().float()
+    lse = torch.logsumexp(logits, dim=-1)
+    sums = torch.stack([(lse * lse).sum(dtype=torch.float64), torch.tensor(float(lse.numel()), dtype=torch.float64, device=lse.device)])
+    return sums, logits.amax().reshape(1)
+
+
+# Fixed, data-independent histogram edges, so that histograms from micro-batches and ranks add up:
+# ±10^-6 .. ±10^6 with 8 bins per decade, one bin around zero; values beyond fall into the outermost bins.
+_DECADES = torch.arange(-6 * 8, 6 * 8 + 1, dtype=torch.float64) / 8
+FIXED_EDGES = torch.cat([-torch.flip(10.0**_DECADES, [0]), 10.0**_DECADES])
+
+
+def fixed_histogram_partials(x: Tensor) -> Tensor:
+    """``[counts per FIXED_EDGES bin (len-1), non-finite count]`` of ``x``."""
+    values = x.detach().flatten().float()
+    finite = torch.isfinite(values)
+    edges = FIXED_EDGES.to(device=values.device, dtype=torch.float32)
+    inner = edges[1:-1].contiguous()
+    index = torch.bucketize(values[finite], inner, right=True)
+    counts = torch.bincount(index, minlength=len(edges) - 1).double()
+    return torch.cat([counts, (~finite).sum().double().reshape(1)])
+
+
+def fixed_histogram(partials: Tensor) -> Histogram:
+    """A :class:`Histogram` from reduced :func:`fixed_histogram_partials`, trimmed to its non-empty range."""
+    partials = partials.cpu()
+    counts, nonfinite = partials[:-1], int(partials[-1])
+    nonzero = torch.nonzero(counts).flatten()
+    if nonzero.numel() == 0:
+        return Histogram([], [], 0.0, 0.0, 0.0, 0.0, 0.0, nonfinite)
+    lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+    edges = FIXED_EDGES[lo : hi + 1]
+    kept = counts[lo:hi]
+    centers = (edges[:-1] + edges[1:]) / 2
+    return Histogram(
+        counts=kept.tolist(),
+        edges=edges.tolist(),
+        min=float(edges[0]),
+        max=float(edges[-1]),
+        num=float(kept.sum()),
+        sum=float((kept * centers).sum()),
+        sum_squares=float((kept * centers * centers).sum()),
+        nonfinite=nonfinite,
+    )

@@ -23,6 +23,10 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    """Fused attention; with ``return_attention`` set it computes the probabilities explicitly and returns
+    ``(output, probabilities [B, H, T, T])`` as Hugging Face eager attention does (ActivationProbe sets it on
+    sampled steps only)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         assert config.n_embd % config.n_head == 0
@@ -30,13 +34,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.return_attention = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        if not self.return_attention:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        y = F.dropout(probs, self.dropout, self.training) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), probs
 
 
 class MLP(nn.Module):
@@ -59,7 +70,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        attended = self.attn(self.ln_1(x))
+        x = x + (attended[0] if isinstance(attended, tuple) else attended)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from lightning_llmdbg import GradientMonitor  # noqa: E402
+from lightning_llmdbg import ActivationProbe, GradientMonitor  # noqa: E402
 from lightning_llmdbg.testing import PydocDataModule, TinyGPTModule  # noqa: E402
 from tests.helpers import small_data, small_gpt, trainer_kwargs  # noqa: E402
 
@@ -54,16 +54,17 @@ def main(mode: str, out_dir: str) -> None:
         model = small_gpt()
         strategy = "ddp" if mode == "ddp" else "auto"
     monitor = GradientMonitor(every_n_steps=1, update_ratio=True, histograms=True, histogram_bins=8)
+    probe = ActivationProbe(every_n_steps=1, gradients=True, histograms=True)
     trainer = pl.Trainer(
         max_steps=STEPS,
         logger=TensorBoardLogger(out_dir, name=mode, version=0),
-        callbacks=[monitor],
+        callbacks=[monitor, probe],
         use_distributed_sampler=False,
         **trainer_kwargs(devices=devices, strategy=strategy),
     )
     data = small_data(batch_size=GLOBAL_BATCH // devices)
     trainer.fit(model, InterleavedData(data.block_size, data.batch_size, data.train_samples))
-    assert monitor.samples_taken == STEPS, monitor.samples_taken
+    assert monitor.samples_taken == probe.samples_taken == STEPS, (monitor.samples_taken, probe.samples_taken)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,365 @@
+"""Activation statistics of chosen layers, from forward (and optionally backward) hooks on sampled steps only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_llmdbg import distributed, stats
+from lightning_llmdbg.sampling import SamplingSchedule
+from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
+from lightning_llmdbg.signals import SignalSource, Signals
+from lightning_llmdbg.writers import Writers
+
+PREFIX = "llmdbg"
+ACT_STATS = ("mean", "std", "rms", "absmax", "zero_frac", "dead_frac", "outliers", "channel_kurtosis", "kurtosis")
+
+
+def hidden_state(output: Any) -> Tensor | None:
+    """The hidden-state tensor of a module's output.
+
+    A tensor is itself; a tuple or list gives its first tensor (HF blocks and attention modules put the hidden
+    state first); a dict or HF ``ModelOutput`` gives ``last_hidden_state``, else ``hidden_states`` if that is a
+    tensor, else its first tensor value. Anything else: None (the module is skipped on that call).
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("last_hidden_state", "hidden_states"):
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+        return next((v for v in output.values() if isinstance(v, Tensor)), None)
+    if isinstance(output, (tuple, list)):
+        return next((v for v in output if isinstance(v, Tensor)), None)
+    return None
+
+
+def attention_probabilities(output: Any) -> Tensor | None:
+    """``(output, weights)`` with 4-D square-ish weights ``[B, H, Tq, Tk]``, as HF eager attention returns them."""
+    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], Tensor) and output[1].dim() == 4:
+        return output[1]
+    return None
+
+
+@dataclass
+class _Accumulator:
+    """On-device partial sums of one sampled step, added up over its micro-batches."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    maxes: dict[str, Tensor] = field(default_factory=dict)
+
+    def add(self, key: str, sums: Tensor, maxes: Tensor | None = None) -> None:
+        if key in self.sums and self.sums[key].shape == sums.shape:
+            self.sums[key] += sums
+            if maxes is not None:
+                self.maxes[key] = torch.maximum(self.maxes[key], maxes)
+        else:
+            self.sums[key] = sums.clone()
+            if maxes is not None:
+                self.maxes[key] = maxes.clone()
+
+
+class ActivationProbe(Callback, SignalSource):
+    r"""Statistics of chosen layers' activations, measured by hooks that exist only on sampled steps.
+
+    On a sampled optimizer step, forward hooks are attached at the start of each of its (micro-)batches and
+    removed as soon as the forward pass ends (before backward, so activation checkpointing's recomputation does
+    not count twice); with ``gradients=True`` a hook on each hidden-state tensor catches its gradient during
+    backward and goes with the graph. Statistics are computed on the device inside the hook, as partial sums
+    that add up over micro-batches and ranks; no activation is kept after a hook returns. After the optimizer
+    step the partial sums are reduced across processes (one SUM and one MAX collective, after a small one that
+    agrees on sizes) and logged.
+
+    Logged keys (``<module>``: ``block_<i>`` for ``"blocks"``, else the module name the pattern matched):
+
+    - ``llmdbg/act/<module>/mean``, ``std``, ``rms``, ``absmax``: of all values of the hidden state.
+    - ``llmdbg/act/<module>/zero_frac``: fraction of exact zeros.
+    - ``llmdbg/act/<module>/dead_frac``: fraction of channels (last dimension) that never exceed zero over the
+      whole batch.
+    - ``llmdbg/act/<module>/outliers``: hidden dimensions with \|x\| ≥ 6 at ≥ 6% of positions (LLM.int8).
+    - ``llmdbg/act/<module>/channel_kurtosis``: E[r⁴]/E[r²]² of the per-channel RMS r (1: no outlier channels).
+    - ``llmdbg/act/<module>/kurtosis``: kurtosis of the values (3 for a Gaussian).
+    - ``llmdbg/act_grad/<module>/rms``: RMS of the gradient with respect to the hidden state of the objective
+      the optimizer sees (``gradients=True``; AMP loss scaling removed; with data parallelism, of the mean of the
+      ranks' losses, as DDP and FSDP average gradients).
+    - ``llmdbg/attn/<module>/entropy_mean`` and ``entropy_min``: per-head attention entropy −Σ p log p averaged
+      over query positions, then its mean and minimum over heads; for attention modules that return
+      ``(output, probabilities)`` (Hugging Face attention under ``attn_implementation="eager"``; the reference
+      GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps).
+    - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
+      penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
+    - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
+      bins so that micro-batches and ranks add up; NaN/Inf are counted, not binned.
+
+    TensorBoard gets a custom-scalars layout with one chart per statistic and all modules on it. The values are
+    also published as :class:`~lightning_llmdbg.signals.Signals` to subscribers.
+
+    Args:
+        modules: ``"blocks"`` (each transformer block's output, found as GradientMonitor finds blocks), or a list
+            of globs over ``named_modules()`` names and/or module types (see
+            :func:`~lightning_llmdbg.selection.resolve_modules`).
+        every_n_steps: sample every this many optimizer steps.
+        warmup_steps: also sample every step before this one.
+        stats: which of ``mean, std, rms, absmax, zero_frac, dead_frac, outliers, channel_kurtosis, kurtosis``
+            to log (all are computed from the same partial sums).
+        gradients: also measure the gradient with respect to each probed hidden state.
+        histograms: also log activation histograms.
+        attention: probe attention entropy in the attention submodules of the probed modules.
+        logits: probe the LM head's logits.
+
+    Example::
+
+        from pytorch_lightning import Trainer
+        from lightning_llmdbg import ActivationProbe
+
+        trainer = Trainer(callbacks=[ActivationProbe(modules="blocks", every_n_steps=100)])
+    """
+
+    signal_source_name = "activation_probe"
+
+    def __init__(
+        self,
+        modules: ModuleSpec = "blocks",
+        every_n_steps: int = 100,
+        warmup_steps: int = 0,
+        stats: Sequence[str] = ACT_STATS,
+        gradients: bool = False,
+        histograms: bool = False,
+        attention: bool = True,
+        logits: bool = True,
+    ) -> None:
+        validate_module_spec(modules)
+        self.schedule = SamplingSchedule(every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        unknown = [s for s in stats if s not in ACT_STATS]
+        if isinstance(stats, str) or unknown or not stats:
+            raise ValueError(f"`stats` must be a non-empty list drawn from {ACT_STATS}, got {stats!r}.")
+        self.modules = modules
+        self.stats = tuple(stats)
+        self.gradients = bool(gradients)
+        self.histograms = bool(histograms)
+        self.attention = bool(attention)
+        self.logits = bool(logits)
+        self.samples_taken = 0
+        self.last_sampled_step = -1
+        self._targets: dict[str, nn.Module] = {}
+        self._attention: dict[str, nn.Module] = {}
+        self._head: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._switched: list[nn.Module] = []
+        self._pending_step: int | None = None
+        self._acc = _Accumulator()
+        self._loss_scale = 1.0
+        self._writers: Writers | None = None
+        self._warned_no_attention = False
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._writers = Writers.for_trainer(trainer)
+        if any(True for _ in pl_module.modules()) and (self.modules == "blocks" or any(isinstance(m, str) for m in self.modules)):
+            resolve_modules(pl_module, self.modules)  # fail fast, naming the pattern
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._targets = resolve_modules(pl_module, self.modules)
+        self._attention = attention_modules(pl_module, self._targets) if self.attention else {}
+        self._head = head_module(pl_module) if self.logits else None
+        if self._writers is not None:
+            charts = {f"{PREFIX}/act/{s}": [rf"{PREFIX}/act/.*/{s}$"] for s in self.stats}
+            if self.gradients:
+                charts[f"{PREFIX}/act_grad/rms"] = [rf"{PREFIX}/act_grad/.*/rms$"]
+            if self._attention:
+                charts.update({f"{PREFIX}/attn/{s}": [rf"{PREFIX}/attn/.*/{s}$"] for s in ("entropy_mean", "entropy_min")})
+            if self._head is not None:
+                charts[f"{PREFIX}/logits"] = [rf"{PREFIX}/logits/.*"]
+            self._writers.custom_scalars("llmdbg: activations", charts)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self.schedule.is_sampled(step) or step == self.last_sampled_step:
+            return
+        if self._pending_step is not None and self._pending_step != step:
+            self._acc = _Accumulator()  # a sampled step that never reached its optimizer step (skipped by AMP)
+        self._pending_step = step
+        self._attach()
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        if self._handles:  # the scale this sampled backward pass runs with (it may change at the optimizer step)
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            self._loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        self._detach()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._detach()
+        if self._pending_step is not None and trainer.global_step > self._pending_step:
+            step, self._pending_step = self._pending_step, None
+            self._finish(step)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._detach()
+        self._pending_step = None
+        self._acc = _Accumulator()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._detach()
+        if self._writers is not None:
+            self._writers.flush()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._detach()
+        self._pending_step = None
+        self._acc = _Accumulator()
+        self._targets, self._attention, self._head = {}, {}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_sampled_step = int(state_dict.get("last_sampled_step", -1))
+        self.samples_taken = int(state_dict.get("samples_taken", 0))
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        self._detach()
+        for key, module in self._targets.items():
+            self._handles.append(module.register_forward_hook(self._activation_hook(key)))
+        for key, module in self._attention.items():
+            if hasattr(module, "return_attention"):
+                module.return_attention = True
+                self._switched.append(module)
+            self._handles.append(module.register_forward_hook(self._attention_hook(key)))
+        if self._head is not None:
+            self._handles.append(self._head.register_forward_hook(self._logits_hook))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for module in self._switched:
+            module.return_attention = False
+        self._switched = []
+
+    def _activation_hook(self, key: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = hidden_state(output)
+            if hidden is None or hidden.dim() == 0 or not hidden.is_floating_point():
+                return
+            self._acc.add(f"act/{key}", *stats.activation_partials(hidden))
+            if self.histograms:
+                self._acc.add(f"hist/{key}", stats.fixed_histogram_partials(hidden))
+            if self.gradients and hidden.requires_grad:
+                hidden.register_hook(self._gradient_hook(key))
+
+        return hook
+
+    def _gradient_hook(self, key: str):
+        def hook(grad: Tensor) -> None:
+            g = grad.detach().float()
+            self._acc.add(f"grad/{key}", torch.stack([(g * g).sum(dtype=torch.float64), torch.tensor(float(g.numel()), dtype=torch.float64, device=g.device)]))
+
+        return hook
+
+    def _attention_hook(self, key: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            probs = attention_probabilities(output)
+            if probs is not None:
+                self._acc.add(f"attn/{key}", stats.attention_partials(probs))
+
+        return hook
+
+    def _logits_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        logits = hidden_state(output)
+        if logits is not None and logits.is_floating_point():
+            self._acc.add("logits", *stats.logit_partials(logits))
+
+    # -- reduction and output ----------------------------------------------------------------------------------
+    def _expected_keys(self) -> list[str]:
+        keys = [f"act/{k}" for k in self._targets]
+        keys += [f"hist/{k}" for k in self._targets] if self.histograms else []
+        keys += [f"grad/{k}" for k in self._targets] if self.gradients else []
+        keys += [f"attn/{k}" for k in self._attention]
+        keys += ["logits"] if self._head is not None else []
+        return keys
+
+    def _finish(self, step: int) -> None:
+        acc, self._acc = self._acc, _Accumulator()
+        keys = self._expected_keys()
+        sums, maxes = _reduce(acc, keys)
+        values: dict[str, float] = {}
+        histograms = {}
+        for key in keys:
+            kind, _, name = key.partition("/")
+            partial = sums.get(key)
+            if partial is None:
+                continue
+            if kind == "act":
+                computed = stats.activation_stats(partial, maxes[key])
+                values.update({f"{PREFIX}/act/{name}/{s}": computed[s] for s in self.stats})
+            elif kind == "grad":
+                total, count = partial.tolist()
+                # Data-parallel ranks average their gradients, so the objective is the mean of the ranks' losses.
+                world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
+                values[f"{PREFIX}/act_grad/{name}/rms"] = (total / count) ** 0.5 / self._loss_scale / world
+            elif kind == "attn":
+                values.update({f"{PREFIX}/attn/{name}/{s}": v for s, v in stats.attention_stats(partial).items()})
+            elif kind == "logits":
+                lse_sq, positions = partial.tolist()
+                values[f"{PREFIX}/logits/lse_sq"] = lse_sq / positions
+                values[f"{PREFIX}/logits/max"] = float(maxes[key][0])
+            elif kind == "hist":
+                histograms[name] = stats.fixed_histogram(partial)
+        if self._attention and not any(k.startswith("attn/") for k in sums) and not self._warned_no_attention:
+            self._warned_no_attention = True
+            rank_zero_warn(
+                "ActivationProbe: the attention modules did not return attention probabilities, so no attention "
+                "entropy is logged. For Hugging Face models load them with attn_implementation='eager'."
+            )
+        self.samples_taken += 1
+        self.last_sampled_step = step
+        self._publish(Signals(source=self.signal_source_name, step=step, values=values))
+        if self._writers is not None:
+            self._writers.scalars(values, step)
+            for name, hist in histograms.items():
+                self._writers.histogram(f"{PREFIX}/act_hist/{name}", hist, step)
+
+
+def _reduce(acc: _Accumulator, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Sum the partial sums and max the maxima over all ranks, agreeing first on each entry's size.
+
+    A rank on which a module never ran (or that saw no batch) contributes zeros of the agreed size, so the same
+    collectives run everywhere.
+    """
+    if not distributed.is_distributed():
+        return dict(acc.sums), dict(acc.maxes)
+    device = next(iter(acc.sums.values())).device if acc.sums else torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    sizes = torch.tensor(
+        [[acc.sums[k].numel() if k in acc.sums else 0, acc.maxes[k].numel() if k in acc.maxes else 0] for k in keys],
+        dtype=torch.int64,
+        device=device,
+    ).reshape(-1, 2)
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    sum_sizes, max_sizes = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+    flat_sums = torch.cat(
+        [acc.sums[k].to(device, torch.float64) if k in acc.sums else torch.zeros(n, dtype=torch.float64, device=device) for k, n in zip(keys, sum_sizes)]
+    )
+    flat_maxes = torch.cat(
+        [acc.maxes[k].to(device, torch.float32) if k in acc.maxes else torch.full((n,), float("-inf"), device=device) for k, n in zip(keys, max_sizes)]
+    )
+    torch.distributed.all_reduce(flat_sums, op=torch.distributed.ReduceOp.SUM)
+    torch.distributed.all_reduce(flat_maxes, op=torch.distributed.ReduceOp.MAX)
+    sums, maxes = {}, {}
+    for key, part in zip(keys, flat_sums.split(sum_sizes)):
+        if part.numel():
+            sums[key] = part
+    for key, part in zip(keys, flat_maxes.split(max_sizes)):
+        if part.numel():
+            maxes[key] = part
+    return sums, maxes

@@ -1,0 +1,275 @@
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+
+from lightning_llmdbg import ActivationProbe
+from tests.helpers import assert_close, read_events, scalars, small_data, small_gpt, trainer_kwargs
+
+B, T, C = 4, 10, 20
+
+
+def _known_outputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(B, T, C, generator=g) * 1.7 + 0.3
+    dead = torch.randn(B, T, C, generator=g)
+    dead[..., :6] = -dead[..., :6].abs()  # 6 of 20 channels (30%) never exceed zero
+    dead[..., 10] = 0.0  # exact zeros, and a channel that is zero everywhere also counts as dead
+    dead[0, 0, 6:] = dead[0, 0, 6:].abs() + 0.1  # make sure every other channel exceeds zero somewhere
+    dead[..., 10] = 0.0
+    outliers = torch.randn(B, T, C, generator=g).clamp(-3, 3)
+    positions = B * T
+    for channel, share in ((2, 0.06), (7, 0.5), (15, 1.0)):  # 3 outlier channels, one exactly at the 6% limit
+        k = math.ceil(share * positions)
+        outliers.view(-1, C)[:k, channel] = 8.0
+    outliers.view(-1, C)[:2, 4] = -9.0  # |x| >= 6 at 5% of positions: not an outlier channel
+    return [plain, dead, outliers]
+
+
+class KnownOutputs(pl.LightningModule):
+    """Blocks whose outputs are fixed, seeded tensors (times a scalar parameter, so that they have gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Fixed(out) for out in _known_outputs()])
+
+    def training_step(self, batch, batch_idx):
+        return sum((block(None) ** 2).mean() for block in self.blocks)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+
+
+class _Fixed(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.register_buffer("out", out)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, _):
+        return self.out * self.scale
+
+
+def _independent_stats(x: torch.Tensor) -> dict[str, float]:
+    x = x.double()
+    flat = x.reshape(-1, x.shape[-1])
+    mean, var = x.mean(), x.var(unbiased=False)
+    channel_rms = flat.pow(2).mean(0).sqrt()
+    return {
+        "mean": mean.item(),
+        "std": var.sqrt().item(),
+        "rms": x.pow(2).mean().sqrt().item(),
+        "absmax": x.abs().max().item(),
+        "zero_frac": (x == 0).double().mean().item(),
+        "dead_frac": (flat.max(0).values <= 0).double().mean().item(),
+        "outliers": float(((flat.abs() >= 6).double().mean(0) >= 0.06).sum()),
+        "channel_kurtosis": (channel_rms.pow(4).mean() / channel_rms.pow(2).mean().pow(2)).item(),
+        "kurtosis": ((x - mean).pow(4).mean() / var.pow(2)).item(),
+    }
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_statistics_equal_an_independent_computation(tmp_path, accumulate):
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(
+        max_steps=2, logger=logger, callbacks=[ActivationProbe(every_n_steps=1, gradients=True)],
+        accumulate_grad_batches=accumulate, **trainer_kwargs(),
+    )
+    trainer.fit(KnownOutputs())
+    events = read_events(logger.log_dir)
+    for i, out in enumerate(_known_outputs()):
+        expected = _independent_stats(out)
+        for stat, value in expected.items():
+            logged = scalars(events, f"llmdbg/act/block_{i}/{stat}")
+            assert sorted(logged) == [0, 1]
+            for step in logged:
+                if value == 0:
+                    assert logged[step] == 0, stat
+                else:
+                    assert_close(logged[step], value, 1e-5, f"block_{i}/{stat}")
+        # d(mean(y²) / accumulate) / dy = 2y / (numel · accumulate): its RMS, by hand
+        grad_rms = (2 * out.double() / out.numel() / accumulate).pow(2).mean().sqrt().item()
+        assert_close(scalars(events, f"llmdbg/act_grad/block_{i}/rms")[1], grad_rms, 1e-5, f"act_grad block_{i}")
+    assert scalars(events, "llmdbg/act/block_1/dead_frac")[0] == pytest.approx(0.35)  # 6 negative + 1 all-zero channel
+    assert scalars(events, "llmdbg/act/block_2/outliers")[0] == 3.0
+    assert scalars(events, "llmdbg/act/block_0/dead_frac")[0] == 0.0
+
+
+def _count_hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
+
+
+def _gpt_fit(tmp_path, probe, model=None, max_steps=2, name="tb"):
+    model = model or small_gpt()
+    logger = TensorBoardLogger(str(tmp_path), name=name)
+    trainer = pl.Trainer(max_steps=max_steps, logger=logger, callbacks=[probe], **trainer_kwargs())
+    trainer.fit(model, small_data())
+    return model, read_events(logger.log_dir)
+
+
+def test_dead_mlp_units_show_in_the_faulty_block_only(tmp_path):
+    model = small_gpt()
+    with torch.no_grad():
+        model.model.transformer.h[1].mlp.c_fc.bias.fill_(-100.0)
+    _, events = _gpt_fit(tmp_path, ActivationProbe(modules=["transformer.h.*.mlp.gelu"], every_n_steps=1), model, max_steps=1)
+    dead = {i: scalars(events, f"llmdbg/act/transformer.h.{i}.mlp.gelu/dead_frac")[0] for i in range(3)}
+    assert dead[1] == 1.0
+    assert dead[0] < 0.05 and dead[2] < 0.05
+
+
+def test_scaled_residual_branch_shows_in_the_faulty_block_only(tmp_path):
+    def attn_rms(model, name):
+        _, events = _gpt_fit(tmp_path, ActivationProbe(modules=["transformer.h.*.attn"], every_n_steps=1), model, max_steps=1, name=name)
+        return [scalars(events, f"llmdbg/act/transformer.h.{i}.attn/rms")[0] for i in range(3)]
+
+    clean = attn_rms(small_gpt(), "clean")
+    faulty = small_gpt()
+    with torch.no_grad():
+        faulty.model.transformer.h[1].attn.c_proj.weight.mul_(50.0)
+        faulty.model.transformer.h[1].attn.c_proj.bias.mul_(50.0)
+    broken = attn_rms(faulty, "faulty")
+    assert broken[1] / clean[1] == pytest.approx(50.0, rel=1e-3)
+    assert broken[0] == pytest.approx(clean[0], rel=1e-6)  # block 0 runs before the fault
+    # LayerNorm keeps block 2's branch near its scale: its input changed direction, not size.
+    assert 0.3 < broken[2] / clean[2] < 3.0
+
+
+def test_reference_gpt_attention_entropy_and_logits(tmp_path):
+    model = small_gpt()
+    seen = {}
+
+    class Direct(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                with torch.no_grad():
+                    attn = pl_module.model.transformer.h[0].attn
+                    x = pl_module.model.transformer.wte(batch["input_ids"]) + pl_module.model.transformer.wpe(torch.arange(batch["input_ids"].shape[1]))
+                    attn.return_attention = True
+                    _, probs = attn(pl_module.model.transformer.h[0].ln_1(x))
+                    attn.return_attention = False
+                    per_head = -(probs.double() * probs.double().clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
+                    logits = pl_module(batch["input_ids"]).double()
+                seen.update(entropy_mean=per_head.mean().item(), entropy_min=per_head.min().item(),
+                            lse_sq=torch.logsumexp(logits, -1).pow(2).mean().item(), max=logits.max().item())
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=1, logger=logger, callbacks=[Direct(), ActivationProbe(every_n_steps=1)], **trainer_kwargs())
+    trainer.fit(model, small_data())
+    events = read_events(logger.log_dir)
+    assert_close(scalars(events, "llmdbg/attn/block_0/entropy_mean")[0], seen["entropy_mean"], 1e-5, "entropy_mean")
+    assert_close(scalars(events, "llmdbg/attn/block_0/entropy_min")[0], seen["entropy_min"], 1e-5, "entropy_min")
+    assert_close(scalars(events, "llmdbg/logits/lse_sq")[0], seen["lse_sq"], 1e-5, "lse_sq")
+    assert_close(scalars(events, "llmdbg/logits/max")[0], seen["max"], 1e-5, "max logit")
+    assert not any(block.attn.return_attention for block in model.model.transformer.h)
+
+
+def test_hooks_exist_only_on_sampled_steps_and_none_remain(tmp_path):
+    counts = {}
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):  # runs after the probe's (callback order)
+            counts[("start", trainer.global_step)] = _count_hooks(pl_module)
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            counts[("backward", trainer.global_step)] = _count_hooks(pl_module)
+
+    model = small_gpt()
+    _gpt_fit(tmp_path, ActivationProbe(every_n_steps=2), model, max_steps=4)
+    assert _count_hooks(model) == 0
+    model = small_gpt()
+    trainer = pl.Trainer(max_steps=4, logger=False, callbacks=[ActivationProbe(every_n_steps=2), Count()], **trainer_kwargs())
+    trainer.fit(model, small_data())
+    assert [counts[("start", s)] for s in range(4)] == [3 + 3 + 1, 0, 7, 0]  # 3 blocks, 3 attention modules, the head
+    assert all(counts[("backward", s)] == 0 for s in range(4))  # removed once the forward pass is over
+    assert _count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_no_hook_remains_after_an_exception_mid_step(tmp_path, error):
+    class Fails(type(small_gpt())):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)  # the forward pass ran with the hooks on
+            if self.global_step == 2:
+                raise error("boom")
+            return out
+
+    pl.seed_everything(0)
+    model = Fails(small_gpt().config)
+    probe = ActivationProbe(every_n_steps=1, gradients=True)
+    trainer = pl.Trainer(max_steps=5, logger=False, callbacks=[probe], **trainer_kwargs())
+    # Lightning shuts down gracefully on an interrupt, then exits.
+    with pytest.raises(SystemExit if error is KeyboardInterrupt else RuntimeError):
+        trainer.fit(model, small_data())
+    assert _count_hooks(model) == 0
+    assert not any(block.attn.return_attention for block in model.model.transformer.h)
+    assert probe._acc.sums == {}
+
+
+def test_histograms_leave_out_nan_and_inf_and_count_the_rest(tmp_path, monkeypatch, caplog):
+    import numpy as np
+
+    from lightning_llmdbg import stats
+
+    outputs = _known_outputs()
+    outputs[0].view(-1)[:5] = float("nan")
+    outputs[0].view(-1)[5:7] = float("inf")
+    monkeypatch.setattr(f"{__name__}._known_outputs", lambda: outputs)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=2, logger=logger, callbacks=[ActivationProbe(every_n_steps=1, histograms=True)], **trainer_kwargs())
+    with caplog.at_level("WARNING", logger="lightning_llmdbg"):
+        trainer.fit(KnownOutputs())
+    assert any("llmdbg/act_hist/block_0 at step 0: 7 non-finite values left out" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    events = read_events(logger.log_dir)
+    assert math.isnan(scalars(events, "llmdbg/act/block_0/mean")[1])  # reported, and training went on
+    for i, out in enumerate(outputs):
+        hist = events.Histograms(f"llmdbg/act_hist/block_{i}")[0].histogram_value
+        finite = out[torch.isfinite(out)].double().numpy()
+        assert hist.num == finite.size == out.numel() - (7 if i == 0 else 0)
+        edges = stats.FIXED_EDGES.numpy()
+        counts, _ = np.histogram(finite, bins=edges)
+        nonzero = np.nonzero(counts)[0]
+        assert list(hist.bucket) == counts[nonzero[0] : nonzero[-1] + 1].tolist()
+        assert list(hist.bucket_limit) == pytest.approx(edges[nonzero[0] + 1 : nonzero[-1] + 2].tolist())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(modules="layers"), "`modules` must be"),
+        (dict(modules=[3]), "got 3"),
+        (dict(stats=["rms", "median"]), "median"),
+        (dict(every_n_steps=0), "every_n_steps.*0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ActivationProbe(**kwargs)
+
+
+def test_pattern_matching_nothing_names_it_and_the_closest_modules(tmp_path):
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[ActivationProbe(modules=["transformer.hh.*"])], **trainer_kwargs())
+    with pytest.raises(ValueError, match=r"'transformer\.hh\.\*' matches nothing\. Closest module names: 'model\.transformer\.h"):
+        trainer.fit(small_gpt(), small_data())
+
+
+def test_model_without_blocks_says_what_to_pass(tmp_path):
+    class NoBlocks(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(torch.ones(4)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[ActivationProbe()], **trainer_kwargs())
+    with pytest.raises(ValueError, match="No transformer blocks found.*modules="):
+        trainer.fit(NoBlocks(), small_data())
