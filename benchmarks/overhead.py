@@ -15,15 +15,15 @@ An arm's callback runs only in its own blocks, so all arms share the process, th
 machine. A step's time is the wall time between consecutive batch starts (everything a step costs, logging
 included). A measured block's overhead is its mean step time over the mean of the two plain blocks beside it
 (which cancels the machine's slow drift); an arm's overhead is the mean over its blocks, with a 95% bootstrap
-interval. Blocks hold a whole number of each default arm's sampling interval; the first measured block is left
-out (GradientMonitor's warm-up samples every step there).
+interval. Blocks hold a whole number of each default arm's sampling interval (25 steps; 100 steps, in a second fit, for
+ActivationProbe at defaults); the first measured block of a fit is left out.
 
 Also measured in place, at the hook, on the same gradients: the cost of one GradientMonitor sampled step
 (measurement, and writing) and the floor, one bare ``torch._foreach_norm`` pass over all gradients with its
 result moved to the host.
 
     python benchmarks/overhead.py                               # the numbers in BENCHMARKS.md
-    python benchmarks/overhead.py --cycles 2     # a quick look
+    python benchmarks/overhead.py --cycles 2 --slow-cycles 2 --batch-size 4   # a quick look
 """
 
 from __future__ import annotations
@@ -288,11 +288,17 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
     return {"plain_step_ms": plain_ms, "steps": schedule.steps, "block": block, "arms": results}
 
 
-GRADIENT_ARMS = {
+EVERY_STEP_ARMS = {  # blocks of 25 steps
     "gradient_monitor_default": lambda: GradientMonitor(),
     "gradient_monitor_every_step": lambda: GradientMonitor(every_n_steps=1),
     "lightning_grad_norm_every_step": lambda: LightningGradNorm(),
     "wandb_watch_all": lambda: WandbWatchAll(),
+    "activation_probe_every_block_every_step": lambda: ActivationProbe(every_n_steps=1),
+    "composer_style_every_module_every_step": lambda: ComposerStyleEveryModule(),
+    "histogram_copy_to_cpu_every_block_every_step": lambda: HistogramCopyToCpu(),
+}
+SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
+    "activation_probe_default": lambda: ActivationProbe(),
 }
 
 
@@ -308,7 +314,8 @@ def run_sampled_step_cost(args: argparse.Namespace, log_root: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=12, help="cycles of arms in the one-fit run (default: %(default)s)")
+    parser.add_argument("--cycles", type=int, default=8, help="cycles of the every-step arms (default: %(default)s)")
+    parser.add_argument("--slow-cycles", type=int, default=6, help="cycles of the 100-step arms (default: %(default)s)")
     parser.add_argument("--block", type=int, default=25, help="steps per block (a multiple of 25)")
     parser.add_argument("--batch-size", type=int, default=16, help="the demo's batch (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
@@ -317,21 +324,23 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
     with tempfile.TemporaryDirectory() as log_root:
-        arms = run_arms({k: make() for k, make in GRADIENT_ARMS.items()}, args, args.block, args.cycles, log_root)
+        arms = run_arms({k: make() for k, make in EVERY_STEP_ARMS.items()}, args, args.block, args.cycles, log_root)
+        slow = run_arms({k: make() for k, make in SLOW_INTERVAL_ARMS.items()}, args, 100, args.slow_cycles, log_root)
         cost = run_sampled_step_cost(args, log_root)
 
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "command": "python " + " ".join(sys.argv),
         "plain_step_ms": arms["plain_step_ms"],
-        "arms": arms["arms"],
+        "arms": {**arms["arms"], **slow["arms"]},
+        "blocks": {**{k: arms["block"] for k in arms["arms"]}, **{k: slow["block"] for k in slow["arms"]}},
         "sampled_step_cost_ms": cost,
     }
     print(json.dumps(results, indent=2))
     print(f"\n{results['machine']}; reference GPT (1.9M parameters), batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
     print("| configuration | step time / plain Trainer | 95% interval |\n|---|---|---|")
     for arm, r in results["arms"].items():
-        print(f"| {arm} (one fit, {r['blocks']} blocks of {arms['block']} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")
+        print(f"| {arm} ({r['blocks']} blocks of {results['blocks'][arm]} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")
     print("\n| GradientMonitor sampled step | measure (ms) | write (ms) | floor (ms) | measure / floor | (measure + write) / floor |")
     print("|---|---|---|---|---|---|")
     for name, c in cost.items():

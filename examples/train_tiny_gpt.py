@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
-from lightning_llmdbg import GradientMonitor, Signals  # noqa: E402
+from lightning_llmdbg import ActivationProbe, GradientMonitor, Signals  # noqa: E402
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule  # noqa: E402
 
 
@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--every-n-steps", type=int, default=10, help="GradientMonitor sampling interval")
+    parser.add_argument("--probe-every-n-steps", type=int, default=50, help="ActivationProbe sampling interval")
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root (default: %(default)s)")
     parser.add_argument("--wandb", action="store_true", help="also log to W&B")
     parser.add_argument("--seed", type=int, default=0)
@@ -58,11 +59,12 @@ def main(argv: list[str] | None = None) -> Path:
             last_norms.update(step=signals.step, **norms)
 
     monitor.subscribe(keep_grad_norms)
+    probe = ActivationProbe(modules="blocks", every_n_steps=args.probe_every_n_steps, gradients=True, histograms=True)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=args.steps,
         logger=loggers,
-        callbacks=[monitor],
+        callbacks=[monitor, probe],
         val_check_interval=min(100, args.steps),
         limit_val_batches=4,
         num_sanity_val_steps=0,
@@ -75,7 +77,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     log_dir = Path(tensorboard.log_dir).resolve()
     if trainer.is_global_zero:
-        print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s; GradientMonitor sampled {monitor.samples_taken} of them.")
+        print(
+            f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s; GradientMonitor sampled {monitor.samples_taken} "
+            f"of them, ActivationProbe {probe.samples_taken}."
+        )
         if last_norms:
             step = last_norms.pop("step")
             print(f"Gradient norms at step {step}: " + ", ".join(f"{g} {v:.3g}" for g, v in last_norms.items()))

@@ -22,4 +22,6 @@ def test_main_job_logs_gradient_monitor_keys_and_says_where(tmp_path, capsys):
     blocks = [f"llmdbg/grad_norm/block_{i}" for i in range(4)]
     assert set(blocks) | {"llmdbg/grad_norm/total", "llmdbg/update_ratio/block_0"} <= tags
     assert "llmdbg/grad_hist/block_3" in events.Tags()["histograms"]
+    assert {"llmdbg/act/block_3/kurtosis", "llmdbg/act_grad/block_0/rms", "llmdbg/attn/block_2/entropy_min", "llmdbg/logits/lse_sq"} <= tags
+    assert [e.step for e in events.Scalars("llmdbg/act/block_0/rms")] == [0]
     assert [e.step for e in events.Scalars("llmdbg/grad_norm/total")] == list(range(10)) + [10]

@@ -23,9 +23,9 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Fused attention; with ``return_attention`` set it computes the probabilities explicitly and returns
-    ``(output, probabilities [B, H, T, T])`` as Hugging Face eager attention does (ActivationProbe sets it on
-    sampled steps only)."""
+    """Fused attention; with ``return_attention`` set it also computes the attention probabilities (without
+    gradient) and returns ``(output, probabilities [B, H, T, T])`` as Hugging Face eager attention does
+    (ActivationProbe sets it on sampled steps only)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -40,14 +40,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        out = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
         if not self.return_attention:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        y = F.dropout(probs, self.dropout, self.training) @ v
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), probs
+            return out
+        with torch.no_grad():  # the same probabilities the fused kernel used, outside the graph
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
+            probs = scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)
+        return out, probs
 
 
 class MLP(nn.Module):
