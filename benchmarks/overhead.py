@@ -255,7 +255,9 @@ def model_and_data(steps: int, batch_size: int) -> tuple[TinyGPTModule, PydocDat
 def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int, cycles: int, log_root: str) -> dict:
     """One fit with the arms interleaved; each measured block against the mean of the plain blocks beside it."""
     # Each default arm's block holds a whole number of its sampling interval.
-    assert all(block % cb.schedule.every_n_steps == 0 for cb in arms.values() if hasattr(cb, "schedule"))
+    for arm, cb in arms.items():
+        if hasattr(cb, "schedule") and block % cb.schedule.every_n_steps:
+            raise ValueError(f"--block {block} is not a multiple of {arm}'s every_n_steps ({cb.schedule.every_n_steps}).")
     schedule = ArmSchedule(list(arms), block, cycles)
     for cb in arms.values():
         cb.schedule = getattr(cb, "schedule", schedule)
@@ -276,7 +278,8 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
     durations = timer.durations()
     means = [statistics.fmean(durations[s] for s in range(i * block, (i + 1) * block)) for i in range(len(schedule.blocks))]
     ratios: dict[str, list[float]] = {arm: [] for arm in arms}
-    # Blocks 0 and 1 hold GradientMonitor's warm-up (every step sampled): left out.
+    # Block 1, the first measured one, runs while the process is still warming up: left out. (GradientMonitor's
+    # own warm-up steps fall in the plain block 0, where no arm runs.)
     for i in range(3, len(schedule.blocks) - 1, 2):
         ratios[schedule.blocks[i]].append(means[i] / ((means[i - 1] + means[i + 1]) / 2))
     rng = random.Random(1)

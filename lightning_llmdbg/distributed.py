@@ -75,3 +75,38 @@ def agree_any(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def reduce_partials(
+    sums_by_key: dict[str, Tensor], maxes_by_key: dict[str, Tensor], keys: Sequence[str], device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Sum partial sums and max maxima over all ranks, after agreeing on each key's size (three collectives).
+
+    A rank on which a module never ran (or that saw no batch) contributes zeros (or -inf) of the agreed size, so
+    the same collectives run everywhere and none can hang.
+    """
+    if not is_distributed() or not keys:
+        return dict(sums_by_key), dict(maxes_by_key)
+    sizes = torch.tensor(
+        [[sums_by_key[k].numel() if k in sums_by_key else 0, maxes_by_key[k].numel() if k in maxes_by_key else 0] for k in keys],
+        dtype=torch.int64,
+        device=device,
+    ).reshape(-1, 2)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    sum_sizes, max_sizes = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+    flat_sums = torch.cat(
+        [sums_by_key[k].to(device, torch.float64) if k in sums_by_key else torch.zeros(n, dtype=torch.float64, device=device) for k, n in zip(keys, sum_sizes)]
+    )
+    flat_maxes = torch.cat(
+        [maxes_by_key[k].to(device, torch.float32) if k in maxes_by_key else torch.full((n,), float("-inf"), device=device) for k, n in zip(keys, max_sizes)]
+    )
+    dist.all_reduce(flat_sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat_maxes, op=dist.ReduceOp.MAX)
+    sums, maxes = {}, {}
+    for key, part in zip(keys, flat_sums.split(sum_sizes)):
+        if part.numel():
+            sums[key] = part
+    for key, part in zip(keys, flat_maxes.split(max_sizes)):
+        if part.numel():
+            maxes[key] = part
+    return sums, maxes

@@ -25,10 +25,15 @@ class SamplingSchedule:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive integer, got {self.every_n_steps!r}.")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be a non-negative integer, got {self.warmup_steps!r}.")
+        require_int("every_n_steps", self.every_n_steps, minimum=1)
+        require_int("warmup_steps", self.warmup_steps, minimum=0)
 
     def is_sampled(self, step: int) -> bool:
         return step < self.warmup_steps or step % self.every_n_steps == 0
+
+
+def require_int(name: str, value: object, minimum: int) -> None:
+    """Raise a ValueError naming ``name`` and ``value`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")

@@ -36,9 +36,6 @@ class ParameterGroups:
     groups: dict[str, list[tuple[str, nn.Parameter]]]
     frozen: list[str] = field(default_factory=list)
 
-    def names(self) -> list[str]:
-        return list(self.groups)
-
 
 def closest_names(pattern: str, names: Iterable[str], n: int = 5) -> list[str]:
     """The names most similar to ``pattern`` (for "did you mean" messages)."""
@@ -98,7 +95,7 @@ def block_groups(module: nn.Module, named: Sequence[tuple[str, nn.Parameter]]) -
     """Group parameter names into ``embeddings``, one group per block, the rest by top-level module, ``head``."""
     names = [n for n, _ in named]
     blocks = block_index_of(names)
-    containers = sorted({c for c, _ in blocks.values()})
+    containers = list(dict.fromkeys(c for c, _ in blocks.values()))  # in model order
     single = len(containers) == 1
     trunk = containers[0].split(".")[:-1] if containers else []
     embedding_names = _embedding_param_names(module)
@@ -142,6 +139,8 @@ def glob_groups(spec: Mapping[str, str | Sequence[str]], names: Sequence[str]) -
             if not matched:
                 raise no_match_error("parameter", pattern, names)
             members.extend(n for n in matched if n not in taken and n not in members)
+        if not members:
+            raise ValueError(f"Group {group!r}: every parameter its globs match is already in an earlier group.")
         taken.update(members)
         groups[group] = members
     return groups
@@ -235,7 +234,7 @@ def block_modules(root: nn.Module) -> dict[str, nn.Module]:
     """The transformer blocks of ``root`` keyed as GradientMonitor's groups are (``block_3``, or ``encoder.block.3``)."""
     modules = dict(root.named_modules())
     blocks = block_index_of([name + "." for name in modules])
-    containers = sorted({c for c, _ in blocks.values()})
+    containers = list(dict.fromkeys(c for c, _ in blocks.values()))  # in model order
     found = {}
     for container, index in sorted(set(blocks.values()), key=lambda k: (containers.index(k[0]), k[1])):
         name = f"{container}.{index}"
@@ -274,8 +273,8 @@ def resolve_modules(root: nn.Module, spec: ModuleSpec = "blocks") -> dict[str, n
         ValueError: a pattern or type that matches nothing (with the closest module names), or no blocks found.
     """
     validate_module_spec(spec)
-    named = [(n, m) for n, m in root.named_modules() if n]
-    names = [n for n, _ in named]
+    named = {n: m for n, m in root.named_modules() if n}
+    names = list(named)
     if spec == "blocks":
         found = block_modules(root)
         if not found:
@@ -284,21 +283,22 @@ def resolve_modules(root: nn.Module, spec: ModuleSpec = "blocks") -> dict[str, n
                 f"Pass `modules=[...]` with globs over module names, e.g. {closest_names('layers', names, 3)}."
             )
         return found
-    found = {}
+    found: dict[str, nn.Module] = {}
     for item in spec:
         if isinstance(item, str):
             matched = _outermost([n for n in names if _glob_matches(n, item)])
             if not matched:
                 raise no_match_error("module", item, names)
-            for n in matched:
-                found.setdefault(_relative_key(n, item), dict(named)[n])
+            keyed = [(_relative_key(n, item), n) for n in matched]
         else:
-            matched = [n for n, m in named if isinstance(m, item)]
-            if not matched:
-                kinds = sorted({type(m).__name__ for _, m in named})
+            keyed = [(n, n) for n, m in named.items() if isinstance(m, item)]
+            if not keyed:
+                kinds = sorted({type(m).__name__ for m in named.values()})
                 raise ValueError(f"No module of type {item.__name__!r}. Module types present: {', '.join(kinds[:12])}.")
-            for n in matched:
-                found.setdefault(n, dict(named)[n])
+        for key, name in keyed:
+            if key in found and found[key] is not named[name]:
+                raise ValueError(f"Two modules would log as {key!r} (pattern {item!r}); write the pattern with more of the path.")
+            found[key] = named[name]
     return found
 
 
@@ -312,7 +312,7 @@ def validate_module_spec(spec: ModuleSpec) -> None:
             raise ValueError(f"`modules` entries must be glob strings or nn.Module subclasses, got {item!r}.")
 
 
-def attention_modules(root: nn.Module, within: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def attention_modules(within: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Attention modules: the outermost submodule named ``attn``/``attention``/``self_attn`` of each probed module."""
     found = {}
     for key, module in within.items():
@@ -325,8 +325,10 @@ def attention_modules(root: nn.Module, within: dict[str, nn.Module]) -> dict[str
 
 
 def head_module(root: nn.Module) -> nn.Module | None:
-    """The output projection to the vocabulary (``lm_head``, ``embed_out``, ``output_layer``), if there is one."""
+    """The output projection to the vocabulary: the first ``nn.Linear`` named as a head (``lm_head``, ``head``,
+    ``output``, ``embed_out``, …) outside the blocks, if there is one."""
+    blocks = block_index_of([name + "." for name, _ in root.named_modules()])
     for name, module in root.named_modules():
-        if name.split(".")[-1] in ("lm_head", "embed_out", "output_layer") and isinstance(module, nn.Linear):
+        if name.split(".")[-1] in _HEAD_NAMES and isinstance(module, nn.Linear) and name + "." not in blocks:
             return module
     return None

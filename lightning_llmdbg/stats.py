@@ -13,40 +13,42 @@ import torch
 from torch import Tensor
 
 
+def _scatter(values: Tensor, size: int, present: Sequence[int], device: torch.device) -> Tensor:
+    """A float32 vector of ``size`` zeros with ``values`` at positions ``present``."""
+    out = torch.zeros(size, dtype=torch.float32, device=device)
+    out[torch.as_tensor(present, device=device)] = values.float()
+    return out
+
+
 def per_tensor_sumsq(tensors: Sequence[Tensor], size: int, present: Sequence[int], device: torch.device) -> Tensor:
     """Sum of squares of each tensor, in float32, scattered to positions ``present`` of a zero vector of ``size``.
 
     One fused ``torch._foreach_norm`` pass over all tensors; missing tensors (no gradient) count as zero, so
     the vector has the same length on every rank.
     """
-    out = torch.zeros(size, dtype=torch.float32, device=device)
-    if tensors:
-        norms = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
-        out[torch.as_tensor(present, device=device)] = norms * norms
-    return out
+    if not tensors:
+        return torch.zeros(size, dtype=torch.float32, device=device)
+    norms = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+    return _scatter(norms * norms, size, present, device)
 
 
 def per_tensor_absmax(tensors: Sequence[Tensor], size: int, present: Sequence[int], device: torch.device) -> Tensor:
     """Largest absolute value of each tensor (NaN if the tensor holds a NaN), scattered like :func:`per_tensor_sumsq`."""
-    out = torch.zeros(size, dtype=torch.float32, device=device)
-    if tensors:
-        if device.type == "cpu":
-            # On CPU the fused inf-norm takes a slow path (about 6x the per-tensor abs().amax() seen here).
-            maxima = torch.stack([t.abs().amax() for t in tensors])
-        else:
-            maxima = torch.stack(torch._foreach_norm(list(tensors), float("inf")))
-        out[torch.as_tensor(present, device=device)] = maxima.float()
-    return out
+    if not tensors:
+        return torch.zeros(size, dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        # On CPU the fused inf-norm takes a slow path (about 6x the per-tensor abs().amax() seen here).
+        maxima = torch.stack([t.abs().amax() for t in tensors])
+    else:
+        maxima = torch.stack(torch._foreach_norm(list(tensors), float("inf")))
+    return _scatter(maxima, size, present, device)
 
 
 def per_tensor_nonfinite(tensors: Sequence[Tensor], size: int, present: Sequence[int], device: torch.device) -> Tensor:
     """Count of NaN/Inf values in each tensor. One kernel per tensor: callers run it only when a norm is non-finite."""
-    out = torch.zeros(size, dtype=torch.float32, device=device)
-    if tensors:
-        out[torch.as_tensor(present, device=device)] = torch.stack(
-            [(~torch.isfinite(t)).sum() for t in tensors]
-        ).float()
-    return out
+    if not tensors:
+        return torch.zeros(size, dtype=torch.float32, device=device)
+    return _scatter(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]), size, present, device)
 
 
 def group_sum(values: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
@@ -129,15 +131,16 @@ ACT_SCALARS = 7
 def activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
     """Partial sums (float64) and maxima (float32) of one activation ``[..., C]``; see :func:`activation_stats`.
 
-    Sums run over rows per channel in float32, then over channels in float64: few passes over the activation,
-    and no float64 copy of it.
+    The moments are raw sums, so they add up across micro-batches and ranks; they are taken in float64 because
+    the kurtosis subtracts large terms from each other when the mean is large against the spread (a float32
+    copy would leave only noise for a channel at 100 ± 1). The float64 copy lives for this call only.
     """
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    flat = x.detach().reshape(-1, x.shape[-1]).double()
     sq = flat * flat
-    channel_max, channel_min = flat.amax(0), flat.amin(0)
+    channel_max, channel_min = flat.amax(0).float(), flat.amin(0).float()
     per_channel = torch.stack(
-        [flat.sum(0), sq.sum(0), (sq * flat).sum(0), (sq * sq).sum(0), (sq >= OUTLIER_MAGNITUDE**2).sum(0).float()]
-    ).double()
+        [flat.sum(0), sq.sum(0), (sq * flat).sum(0), (sq * sq).sum(0), (sq >= OUTLIER_MAGNITUDE**2).sum(0).double()]
+    )
     rows = torch.tensor([flat.shape[0], flat.numel()], dtype=torch.float64, device=flat.device)
     sums = torch.cat([rows, per_channel[:4].sum(1), (flat == 0).sum().double().reshape(1), per_channel[1], per_channel[4]])
     absmax = torch.maximum(channel_max.max(), -channel_min.min()).reshape(1)

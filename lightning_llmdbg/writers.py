@@ -20,6 +20,7 @@ from lightning_llmdbg.stats import Histogram
 
 log = logging.getLogger("lightning_llmdbg")
 
+ALERT_LEVELS = ("INFO", "WARN", "ERROR")
 WANDB_INSTALL_HINT = 'wandb is not installed. Install it with: pip install "lightning-llmdbg[wandb]"'
 
 
@@ -55,7 +56,8 @@ class Writers:
     _by_trainer: "weakref.WeakKeyDictionary[Any, Writers]" = weakref.WeakKeyDictionary()
 
     def __init__(self, trainer: Any) -> None:
-        self._trainer = trainer
+        # Weak, so that the cache below (keyed weakly by trainer) does not keep every Trainer alive.
+        self._trainer_ref = weakref.ref(trainer)
         self._layout: dict[str, dict[str, list]] = {}
         self._warned_no_logger = False
 
@@ -67,6 +69,13 @@ class Writers:
         return writers
 
     # -- where -----------------------------------------------------------------------------------------------
+    @property
+    def _trainer(self) -> Any:
+        trainer = self._trainer_ref()
+        if trainer is None:
+            raise RuntimeError("lightning_llmdbg: the Trainer these writers belong to no longer exists.")
+        return trainer
+
     @property
     def enabled(self) -> bool:
         return bool(self._trainer.is_global_zero)
@@ -139,9 +148,10 @@ class Writers:
             return
         for writer in self._tensorboards():
             writer.add_text(tag, markdown, global_step=step)
-        if self._wandb_runs():
+        runs = self._wandb_runs()
+        if runs:
             wandb = import_wandb()
-            for run in self._wandb_runs():
+            for run in runs:
                 run.log({tag: wandb.Html(f"<pre>{markdown}</pre>"), "trainer/global_step": step})
 
     def table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
@@ -153,9 +163,10 @@ class Writers:
             return
         for writer in self._tensorboards():
             writer.add_text(tag, markdown_table(columns, rows), global_step=step)
-        if self._wandb_runs():
+        runs = self._wandb_runs()
+        if runs:
             wandb = import_wandb()
-            for run in self._wandb_runs():
+            for run in runs:
                 run.log({tag: wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "trainer/global_step": step})
 
     def image(self, tag: str, image_hwc: Any, step: int) -> None:
@@ -164,13 +175,16 @@ class Writers:
             return
         for writer in self._tensorboards():
             writer.add_image(tag, image_hwc, global_step=step, dataformats="HWC")
-        if self._wandb_runs():
+        runs = self._wandb_runs()
+        if runs:
             wandb = import_wandb()
-            for run in self._wandb_runs():
+            for run in runs:
                 run.log({tag: wandb.Image(image_hwc), "trainer/global_step": step})
 
     def alert(self, title: str, text: str, step: int, level: str = "WARN", wait_duration: float = 300.0) -> None:
         """W&B ``run.alert`` (also when wandb was started outside Lightning), TensorBoard text, Python logging."""
+        if level not in ALERT_LEVELS:
+            raise ValueError(f"Alert `level` must be one of {ALERT_LEVELS}, got {level!r}.")
         if not self.enabled:
             return
         (log.error if level == "ERROR" else log.warning)("%s (step %d): %s", title, step, text)

@@ -42,7 +42,9 @@ def single(tmp_path_factory):
 def test_two_processes_log_the_single_process_statistics(mode, single, tmp_path):
     events = read_events(str(_run(mode, tmp_path)))
     tags = [t for t in single.Tags()["scalars"] if t.startswith("llmdbg/")]
-    assert {t.split("/")[1] for t in tags} >= {"grad_norm", "grad_absmax", "param_norm", "grad_nonfinite", "update_ratio"}
+    assert {t.split("/")[1] for t in tags} == {
+        "grad_norm", "grad_absmax", "param_norm", "grad_nonfinite", "update_ratio", "act", "act_grad", "attn", "logits"
+    }
     assert sorted(t for t in events.Tags()["scalars"] if t.startswith("llmdbg/")) == sorted(tags)
     for tag in tags:
         expected, logged = scalars(single, tag), scalars(events, tag)
@@ -52,7 +54,12 @@ def test_two_processes_log_the_single_process_statistics(mode, single, tmp_path)
                 assert logged[step] == 0.0, tag
             else:
                 assert_close(logged[step], value, 1e-4, f"{mode} {tag}@{step}")
+    assert sorted(events.Tags()["histograms"]) == sorted(single.Tags()["histograms"])
     for tag in single.Tags()["histograms"]:
-        for a, b in zip(single.Histograms(tag), events.Histograms(tag)):
+        expected, logged = single.Histograms(tag), events.Histograms(tag)
+        assert len(logged) == len(expected) == 3, tag
+        for a, b in zip(expected, logged):
             assert a.histogram_value.num == b.histogram_value.num, tag  # every shard counted, none twice
             assert_close(b.histogram_value.max, a.histogram_value.max, 1e-4, tag)
+            if tag.startswith("llmdbg/act_hist/"):  # fixed bins: the counts themselves must agree
+                assert list(a.histogram_value.bucket) == list(b.histogram_value.bucket), tag

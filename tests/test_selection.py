@@ -57,7 +57,7 @@ def test_two_block_stacks_keep_their_container_names():
     root = nn.Module()
     root.encoder = nn.ModuleDict({"block": nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])})
     root.decoder = nn.ModuleDict({"block": nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])})
-    assert list(_names(resolve_groups(root))) == ["decoder.block.0", "decoder.block.1", "encoder.block.0", "encoder.block.1"]
+    assert list(_names(resolve_groups(root))) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
 
 
 def test_a_lone_index_is_not_a_block():
@@ -101,9 +101,33 @@ def test_unknown_mode_names_the_value(bad):
         resolve_groups(small_gpt(), bad)
 
 
-@pytest.mark.parametrize("bad", [{}, {"": "*"}, {"attn": 3}, {"attn": []}, {"attn": ["*", None]}])
-def test_bad_glob_specs_name_the_value(bad):
+@pytest.mark.parametrize(
+    "bad, match",
+    [({}, "empty dict"), ({"": "*"}, "got ''"), ({"attn": 3}, "'attn'.*got 3"), ({"attn": []}, r"'attn'.*got \[\]"), ({"attn": ["*", None]}, "None")],
+)
+def test_bad_glob_specs_name_the_value(bad, match):
     from lightning_llmdbg.selection import validate_group_spec
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         validate_group_spec(bad)
+
+
+def test_module_globs_select_the_outermost_match_relative_to_wrappers():
+    from lightning_llmdbg.selection import resolve_modules
+
+    model = small_gpt()
+    found = resolve_modules(model, ["transformer.h.*"])
+    assert list(found) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    assert found["transformer.h.1"] is model.model.transformer.h[1]
+    assert list(resolve_modules(model, ["*.mlp"])) == [f"model.transformer.h.{i}.mlp" for i in range(3)]
+    assert list(resolve_modules(model, [nn.LayerNorm]))[-1] == "model.transformer.ln_f"
+
+
+def test_module_keys_that_collide_are_refused():
+    from lightning_llmdbg.selection import resolve_modules
+
+    root = nn.Module()
+    root.encoder = nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])})
+    root.decoder = nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])})
+    with pytest.raises(ValueError, match="Two modules would log as 'layer.0'"):
+        resolve_modules(root, ["layer.*"])

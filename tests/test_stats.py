@@ -55,3 +55,22 @@ def test_histogram_of_constant_values_has_a_width():
     assert edges[0] == 2.0 and edges[-1] > 2.0
     assert stats.histogram_counts([torch.full((3,), 2.0)], 2.0, 2.0, 4)[:4].sum() == 3
     assert stats.finite_range([torch.tensor([float("nan")])]).tolist() == [math.inf, math.inf]
+
+
+def test_kurtosis_survives_a_large_mean():
+    g = torch.Generator().manual_seed(0)
+    x = 100.0 + torch.randn(64, 32, 16, generator=g)
+    computed = stats.activation_stats(*stats.activation_partials(x))
+    x64 = x.double()
+    expected = ((x64 - x64.mean()) ** 4).mean() / x64.var(unbiased=False) ** 2
+    assert math.isclose(computed["kurtosis"], expected.item(), rel_tol=1e-6)
+    assert math.isclose(computed["std"], x64.std(unbiased=False).item(), rel_tol=1e-6)
+
+
+def test_activation_partials_add_up_over_parts():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 8, generator=g) * 3
+    whole = stats.activation_stats(*stats.activation_partials(x))
+    (s1, m1), (s2, m2) = stats.activation_partials(x[:2]), stats.activation_partials(x[2:])
+    merged = stats.activation_stats(s1 + s2, torch.maximum(m1, m2))
+    assert all(math.isclose(merged[k], whole[k], rel_tol=1e-12, abs_tol=1e-12) for k in whole), (merged, whole)

@@ -1,6 +1,5 @@
 import logging
 import sys
-from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +10,14 @@ from lightning_llmdbg.stats import Histogram
 from lightning_llmdbg.testing.wandb_records import read_finished_run
 from lightning_llmdbg.writers import Writers, import_wandb
 from tests.helpers import read_events, scalars, small_data, small_gpt, trainer_kwargs
+
+
+class _TrainerView:
+    """What Writers reads of a Trainer: whether this is global rank zero, and the loggers."""
+
+    def __init__(self, is_global_zero, loggers):
+        self.is_global_zero = is_global_zero
+        self.loggers = loggers
 
 
 def _fit(tmp_path, loggers, callbacks, max_steps=3):
@@ -80,7 +87,7 @@ def test_every_logger_gets_scalars(tmp_path):
 
 def test_only_rank_zero_writes(tmp_path):
     tb = TensorBoardLogger(str(tmp_path), name="tb")
-    not_zero = SimpleNamespace(is_global_zero=False, loggers=[tb])
+    not_zero = _TrainerView(False, [tb])  # Writers holds its trainer weakly: keep it alive here
     writers = Writers(not_zero)
     writers.scalars({"llmdbg/x": 1.0}, step=0)
     writers.text("llmdbg/t", "hello", step=0)
@@ -93,7 +100,8 @@ def test_custom_scalar_layouts_are_merged(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
     tb = TensorBoardLogger(str(tmp_path), name="tb")
-    writers = Writers(SimpleNamespace(is_global_zero=True, loggers=[tb]))
+    view = _TrainerView(True, [tb])  # Writers holds its trainer weakly: keep it alive here
+    writers = Writers(view)
     writers.custom_scalars("llmdbg: gradients", {"grad": ["llmdbg/grad_norm/.*"]})
     writers.custom_scalars("llmdbg: activations", {"act": ["llmdbg/act/.*/rms"]})
     writers.flush()
@@ -104,9 +112,29 @@ def test_custom_scalar_layouts_are_merged(tmp_path):
 
 def test_tables_and_text_reach_tensorboard(tmp_path):
     tb = TensorBoardLogger(str(tmp_path), name="tb")
-    writers = Writers(SimpleNamespace(is_global_zero=True, loggers=[tb]))
+    view = _TrainerView(True, [tb])  # Writers holds its trainer weakly: keep it alive here
+    writers = Writers(view)
     writers.table("llmdbg/hard_examples", ["step", "text"], [[3, "a|b"]], step=3)
     writers.flush()
     tensor = read_events(tb.log_dir).Tensors("llmdbg/hard_examples/text_summary")[0]
     text = tensor.tensor_proto.string_val[0].decode()
     assert "| step | text |" in text and "a\\|b" in text
+
+
+def test_bad_alert_level_names_the_value(tmp_path):
+    view = _TrainerView(True, [TensorBoardLogger(str(tmp_path), name="tb")])
+    writers = Writers(view)
+    with pytest.raises(ValueError, match="'WARNING'"):
+        writers.alert("title", "text", step=0, level="WARNING")
+
+
+def test_writers_do_not_keep_a_trainer_alive(tmp_path):
+    import gc
+    import weakref
+
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[GradientMonitor()], **trainer_kwargs())
+    trainer.fit(small_gpt(), small_data())
+    ref = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert ref() is None

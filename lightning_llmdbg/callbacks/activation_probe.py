@@ -55,14 +55,16 @@ class _Accumulator:
     maxes: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, key: str, sums: Tensor, maxes: Tensor | None = None) -> None:
-        if key in self.sums and self.sums[key].shape == sums.shape:
-            self.sums[key] += sums
-            if maxes is not None:
-                self.maxes[key] = torch.maximum(self.maxes[key], maxes)
-        else:
+        if key not in self.sums:
             self.sums[key] = sums.clone()
             if maxes is not None:
                 self.maxes[key] = maxes.clone()
+        elif self.sums[key].shape == sums.shape:
+            self.sums[key] += sums
+            if maxes is not None:
+                self.maxes[key] = torch.maximum(self.maxes[key], maxes)
+        else:  # a module called again with another width: keep the first, never stop training over it
+            rank_zero_warn(f"ActivationProbe: {key} changed width within a step ({tuple(self.sums[key].shape)} then {tuple(sums.shape)}); the later call is left out.")
 
 
 class ActivationProbe(Callback, SignalSource):
@@ -87,11 +89,13 @@ class ActivationProbe(Callback, SignalSource):
     - ``llmdbg/act/<module>/kurtosis``: kurtosis of the values (3 for a Gaussian).
     - ``llmdbg/act_grad/<module>/rms``: RMS of the gradient with respect to the hidden state of the objective
       the optimizer sees (``gradients=True``; AMP loss scaling removed; with data parallelism, of the mean of the
-      ranks' losses, as DDP and FSDP average gradients).
+      ranks' losses, as DDP and FSDP average gradients; with tensor parallelism the divisor is the whole world size
+      and the value is off by the tensor-parallel degree).
     - ``llmdbg/attn/<module>/entropy_mean`` and ``entropy_min``: per-head attention entropy −Σ p log p averaged
       over query positions, then its mean and minimum over heads; for attention modules that return
       ``(output, probabilities)`` (Hugging Face attention under ``attn_implementation="eager"``; the reference
-      GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps).
+      GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps). HF eager
+      attention returns its weights after attention dropout: with ``attn_pdrop > 0`` they are not probabilities.
     - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
@@ -151,10 +155,11 @@ class ActivationProbe(Callback, SignalSource):
         self._attention: dict[str, nn.Module] = {}
         self._head: nn.Module | None = None
         self._handles: list[Any] = []
-        self._switched: list[nn.Module] = []
+        self._switched: list[tuple[nn.Module, Any]] = []  # modules whose `return_attention` we set, with its old value
         self._pending_step: int | None = None
         self._acc = _Accumulator()
         self._loss_scale = 1.0
+        self._device = torch.device("cpu")
         self._writers: Writers | None = None
         self._warned_no_attention = False
 
@@ -163,12 +168,14 @@ class ActivationProbe(Callback, SignalSource):
         if stage != "fit":
             return
         self._writers = Writers.for_trainer(trainer)
-        if any(True for _ in pl_module.modules()) and (self.modules == "blocks" or any(isinstance(m, str) for m in self.modules)):
-            resolve_modules(pl_module, self.modules)  # fail fast, naming the pattern
+        # Fail fast, naming the pattern; with `configure_model` the layers may not exist yet (resolved at fit start).
+        if any(True for _ in pl_module.parameters()):
+            resolve_modules(pl_module, self.modules)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._device = trainer.strategy.root_device
         self._targets = resolve_modules(pl_module, self.modules)
-        self._attention = attention_modules(pl_module, self._targets) if self.attention else {}
+        self._attention = attention_modules(self._targets) if self.attention else {}
         self._head = head_module(pl_module) if self.logits else None
         if self._writers is not None:
             charts = {f"{PREFIX}/act/{s}": [rf"{PREFIX}/act/.*/{s}$"] for s in self.stats}
@@ -231,8 +238,8 @@ class ActivationProbe(Callback, SignalSource):
             self._handles.append(module.register_forward_hook(self._activation_hook(key)))
         for key, module in self._attention.items():
             if hasattr(module, "return_attention"):
+                self._switched.append((module, module.return_attention))
                 module.return_attention = True
-                self._switched.append(module)
             self._handles.append(module.register_forward_hook(self._attention_hook(key)))
         if self._head is not None:
             self._handles.append(self._head.register_forward_hook(self._logits_hook))
@@ -241,8 +248,8 @@ class ActivationProbe(Callback, SignalSource):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for module in self._switched:
-            module.return_attention = False
+        for module, before in self._switched:
+            module.return_attention = before
         self._switched = []
 
     def _activation_hook(self, key: str):
@@ -290,7 +297,7 @@ class ActivationProbe(Callback, SignalSource):
     def _finish(self, step: int) -> None:
         acc, self._acc = self._acc, _Accumulator()
         keys = self._expected_keys()
-        sums, maxes = _reduce(acc, keys)
+        sums, maxes = distributed.reduce_partials(acc.sums, acc.maxes, keys, self._device)
         values: dict[str, float] = {}
         histograms = {}
         for key in keys:
@@ -327,39 +334,3 @@ class ActivationProbe(Callback, SignalSource):
             self._writers.scalars(values, step)
             for name, hist in histograms.items():
                 self._writers.histogram(f"{PREFIX}/act_hist/{name}", hist, step)
-
-
-def _reduce(acc: _Accumulator, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Sum the partial sums and max the maxima over all ranks, agreeing first on each entry's size.
-
-    A rank on which a module never ran (or that saw no batch) contributes zeros of the agreed size, so the same
-    collectives run everywhere.
-    """
-    if not distributed.is_distributed():
-        return dict(acc.sums), dict(acc.maxes)
-    device = next(iter(acc.sums.values())).device if acc.sums else torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    sizes = torch.tensor(
-        [[acc.sums[k].numel() if k in acc.sums else 0, acc.maxes[k].numel() if k in acc.maxes else 0] for k in keys],
-        dtype=torch.int64,
-        device=device,
-    ).reshape(-1, 2)
-    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
-    sum_sizes, max_sizes = sizes[:, 0].tolist(), sizes[:, 1].tolist()
-    flat_sums = torch.cat(
-        [acc.sums[k].to(device, torch.float64) if k in acc.sums else torch.zeros(n, dtype=torch.float64, device=device) for k, n in zip(keys, sum_sizes)]
-    )
-    flat_maxes = torch.cat(
-        [acc.maxes[k].to(device, torch.float32) if k in acc.maxes else torch.full((n,), float("-inf"), device=device) for k, n in zip(keys, max_sizes)]
-    )
-    torch.distributed.all_reduce(flat_sums, op=torch.distributed.ReduceOp.SUM)
-    torch.distributed.all_reduce(flat_maxes, op=torch.distributed.ReduceOp.MAX)
-    sums, maxes = {}, {}
-    for key, part in zip(keys, flat_sums.split(sum_sizes)):
-        if part.numel():
-            sums[key] = part
-    for key, part in zip(keys, flat_maxes.split(max_sizes)):
-        if part.numel():
-            maxes[key] = part
-    return sums, maxes

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_llmdbg import distributed, stats
-from lightning_llmdbg.sampling import SamplingSchedule
+from lightning_llmdbg.sampling import SamplingSchedule, require_int
 from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
 from lightning_llmdbg.signals import SignalSource, Signals
 from lightning_llmdbg.writers import Writers
@@ -59,6 +59,10 @@ class GradientMonitor(Callback, SignalSource):
 
     TensorBoard also gets a custom-scalars layout: one chart per family with all groups on it.
 
+    Subscribers (:meth:`subscribe`) receive, per sampled step, a :class:`~lightning_llmdbg.signals.Signals` with
+    the gradient statistics before the optimizer step (so that a rule can still act on it), and with
+    ``update_ratio=True`` a second one with the update ratios once the step is taken.
+
     Distributed: with DDP the gradients are already averaged, so the values are computed locally and are the
     same on every rank. With FSDP2 (DTensor gradients) the local sums of squares, counts and maxima are
     all-reduced over the sharded mesh dimensions before the root is taken. DeepSpeed ZeRO stage 2 and 3
@@ -102,8 +106,7 @@ class GradientMonitor(Callback, SignalSource):
     ) -> None:
         validate_group_spec(groups)
         self.schedule = SamplingSchedule(every_n_steps=every_n_steps, warmup_steps=warmup_steps)
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 1:
-            raise ValueError(f"`histogram_bins` must be a positive integer, got {histogram_bins!r}.")
+        require_int("histogram_bins", histogram_bins, minimum=1)
         self.groups = groups
         self.update_ratio = bool(update_ratio)
         self.histograms = bool(histograms)
@@ -114,7 +117,8 @@ class GradientMonitor(Callback, SignalSource):
         self.samples_taken = 0
         self._plans: dict[int, _Plan] = {}
         self._writers: Writers | None = None
-        self._pending_update: tuple[_Plan, int, list[Tensor], Tensor] | None = None
+        # Per optimizer: (plan, step, parameters before the step, their sums of squares), until the step is taken.
+        self._pending_updates: dict[int, tuple[_Plan, int, list[Tensor], Tensor]] = {}
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -164,18 +168,16 @@ class GradientMonitor(Callback, SignalSource):
             return
         values, details, param_sumsq = self._measure(plan)
         if self.update_ratio:
-            self._pending_update = (plan, step, self._snapshot(plan), param_sumsq)
+            self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq)
         self.last_sampled_step = step
         self.samples_taken += 1
         self._emit(step, values, details)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._pending_update is None:
-            return
-        plan, step, before, param_sumsq = self._pending_update
-        self._pending_update = None
-        ratios = self._update_ratios(plan, before, param_sumsq)
-        self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in zip(plan.group_names, ratios)}, {})
+        pending, self._pending_updates = self._pending_updates, {}
+        for plan, step, before, param_sumsq in pending.values():
+            ratios = self._update_ratios(plan, before, param_sumsq)
+            self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in zip(plan.group_names, ratios)}, {})
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._writers is not None:
@@ -183,7 +185,7 @@ class GradientMonitor(Callback, SignalSource):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plans = {}
-        self._pending_update = None
+        self._pending_updates = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
@@ -256,7 +258,10 @@ class GradientMonitor(Callback, SignalSource):
         details: dict[str, Any] = {}
         nonfinite_groups = torch.zeros(G)
         # NaN and Inf propagate into the sums and maxima, so finite totals prove there is nothing to count.
-        if not math.isfinite(float(total[0])) or (absmax is not None and not torch.isfinite(absmax).all()):
+        nonfinite = not math.isfinite(float(total[0])) or (absmax is not None and not torch.isfinite(absmax).all())
+        if plan.shard_keys:  # values of unsharded parameters are local: agree before running collectives
+            nonfinite = distributed.agree_any(nonfinite, plan.group_index.device)
+        if nonfinite:
             # Slow path, only on a step whose norms are non-finite (the same on every rank): count per parameter.
             present, where = self._present(grads)
             counts = stats.per_tensor_nonfinite(present, len(plan.params), where, plan.group_index.device).unsqueeze(0)
@@ -292,7 +297,8 @@ class GradientMonitor(Callback, SignalSource):
                 out[plan.group_names[g]] = stats.Histogram([], [], 0.0, 0.0, 0.0, 0.0, 0.0, int(nonfinite[g]))
                 continue
             hi = -neg_hi
-            counted = distributed.all_reduce_over(stats.histogram_counts(tensors, lo, hi, bins), key, "sum").cpu()
+            counted = stats.histogram_counts(tensors, lo, hi, bins).to(plan.group_index.device)
+            counted = distributed.all_reduce_over(counted, key, "sum").cpu()
             num, total, sumsq = counted[bins:].tolist()
             out[plan.group_names[g]] = stats.Histogram(
                 counts=counted[:bins].tolist(),

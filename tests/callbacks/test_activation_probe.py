@@ -30,20 +30,25 @@ def _known_outputs() -> list[torch.Tensor]:
 
 
 class KnownOutputs(pl.LightningModule):
-    """Blocks whose outputs are fixed, seeded tensors (times a scalar parameter, so that they have gradients)."""
+    """Blocks whose outputs are fixed, seeded tensors, scaled by ``1 + batch index / 10`` (which keeps signs, so
+    dead channels stay dead and micro-batches differ) and by a scalar parameter (so that there are gradients)."""
 
     def __init__(self):
         super().__init__()
         self.blocks = nn.ModuleList([_Fixed(out) for out in _known_outputs()])
 
     def training_step(self, batch, batch_idx):
-        return sum((block(None) ** 2).mean() for block in self.blocks)
+        return sum((block(batch) ** 2).mean() for block in self.blocks)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+        return torch.utils.data.DataLoader(torch.arange(64.0).view(64, 1), batch_size=1)
+
+
+def _batch_output(out: torch.Tensor, batch_index: int) -> torch.Tensor:
+    return out * (1 + batch_index / 10)
 
 
 class _Fixed(nn.Module):
@@ -52,8 +57,8 @@ class _Fixed(nn.Module):
         self.register_buffer("out", out)
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, _):
-        return self.out * self.scale
+    def forward(self, batch):
+        return _batch_output(self.out, float(batch.view(-1)[0])) * self.scale
 
 
 def _independent_stats(x: torch.Tensor) -> dict[str, float]:
@@ -84,18 +89,19 @@ def test_statistics_equal_an_independent_computation(tmp_path, accumulate):
     trainer.fit(KnownOutputs())
     events = read_events(logger.log_dir)
     for i, out in enumerate(_known_outputs()):
-        expected = _independent_stats(out)
-        for stat, value in expected.items():
-            logged = scalars(events, f"llmdbg/act/block_{i}/{stat}")
-            assert sorted(logged) == [0, 1]
-            for step in logged:
+        for step in (0, 1):
+            # A step's statistics are those of all its micro-batches together.
+            joined = torch.cat([_batch_output(out, b) for b in range(step * accumulate, (step + 1) * accumulate)])
+            for stat, value in _independent_stats(joined).items():
+                logged = scalars(events, f"llmdbg/act/block_{i}/{stat}")
+                assert sorted(logged) == [0, 1]
                 if value == 0:
                     assert logged[step] == 0, stat
                 else:
-                    assert_close(logged[step], value, 1e-5, f"block_{i}/{stat}")
-        # d(mean(y²) / accumulate) / dy = 2y / (numel · accumulate): its RMS, by hand
-        grad_rms = (2 * out.double() / out.numel() / accumulate).pow(2).mean().sqrt().item()
-        assert_close(scalars(events, f"llmdbg/act_grad/block_{i}/rms")[1], grad_rms, 1e-5, f"act_grad block_{i}")
+                    assert_close(logged[step], value, 1e-5, f"block_{i}/{stat}@{step}")
+            # d(mean(y²) / accumulate) / dy = 2y / (numel · accumulate): its RMS over the step's micro-batches
+            grad_rms = (2 * joined.double() / out.numel() / accumulate).pow(2).mean().sqrt().item()
+            assert_close(scalars(events, f"llmdbg/act_grad/block_{i}/rms")[step], grad_rms, 1e-5, f"act_grad block_{i}")
     assert scalars(events, "llmdbg/act/block_1/dead_frac")[0] == pytest.approx(0.35)  # 6 negative + 1 all-zero channel
     assert scalars(events, "llmdbg/act/block_2/outliers")[0] == 3.0
     assert scalars(events, "llmdbg/act/block_0/dead_frac")[0] == 0.0
@@ -229,6 +235,7 @@ def test_histograms_leave_out_nan_and_inf_and_count_the_rest(tmp_path, monkeypat
     assert math.isnan(scalars(events, "llmdbg/act/block_0/mean")[1])  # reported, and training went on
     for i, out in enumerate(outputs):
         hist = events.Histograms(f"llmdbg/act_hist/block_{i}")[0].histogram_value
+        out = _batch_output(out, 0)
         finite = out[torch.isfinite(out)].double().numpy()
         assert hist.num == finite.size == out.numel() - (7 if i == 0 else 0)
         edges = stats.FIXED_EDGES.numpy()
@@ -273,3 +280,28 @@ def test_model_without_blocks_says_what_to_pass(tmp_path):
     trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[ActivationProbe()], **trainer_kwargs())
     with pytest.raises(ValueError, match="No transformer blocks found.*modules="):
         trainer.fit(NoBlocks(), small_data())
+
+
+def test_layers_built_in_configure_model_are_found_at_fit_start(tmp_path):
+    class Deferred(type(small_gpt())):
+        def __init__(self, config):
+            pl.LightningModule.__init__(self)
+            self.config, self.lr, self.weight_decay = config, 1e-3, 0.1
+
+        def configure_model(self):
+            if not hasattr(self, "model"):
+                from lightning_llmdbg.testing.tiny_gpt import TinyGPT
+
+                self.model = TinyGPT(self.config)
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=1, logger=logger, callbacks=[ActivationProbe(every_n_steps=1)], **trainer_kwargs())
+    trainer.fit(Deferred(small_gpt().config), small_data())
+    assert {f"llmdbg/act/block_{i}/rms" for i in range(3)} <= set(read_events(logger.log_dir).Tags()["scalars"])
+
+
+def test_a_users_return_attention_setting_is_restored(tmp_path):
+    model = small_gpt()
+    model.model.transformer.h[0].attn.return_attention = True  # the user wants the weights themselves
+    _gpt_fit(tmp_path, ActivationProbe(every_n_steps=1), model, max_steps=1)
+    assert [b.attn.return_attention for b in model.model.transformer.h] == [True, False, False]

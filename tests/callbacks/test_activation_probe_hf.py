@@ -51,6 +51,8 @@ def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
                     out = pl_module.model(input_ids=batch["input_ids"], output_hidden_states=True, output_attentions=True)
                 seen["hidden"] = [h.clone() for h in out.hidden_states]
                 seen["attentions"] = [a.clone() for a in out.attentions]
+                seen["lse_sq"] = torch.logsumexp(out.logits.double(), -1).pow(2).mean().item()
+                seen["max"] = out.logits.max().item()
 
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
@@ -70,4 +72,5 @@ def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
         per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
         assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
         assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
-    assert "llmdbg/logits/lse_sq" in events.Tags()["scalars"]
+    assert_close(scalars(events, "llmdbg/logits/lse_sq")[0], seen["lse_sq"], 1e-5, "lse_sq")
+    assert_close(scalars(events, "llmdbg/logits/max")[0], seen["max"], 1e-6, "max logit")

@@ -281,7 +281,7 @@ def test_manual_optimization_with_two_optimizers_measures_each_optimizers_parame
 
     pl.seed_everything(0)
     model = TwoOptimizers(small_gpt().config)
-    trainer, events = _fit(tmp_path, [GradientMonitor(every_n_steps=1)], max_steps=4, model=model)
+    trainer, events = _fit(tmp_path, [GradientMonitor(every_n_steps=1, update_ratio=True)], max_steps=4, model=model)
     opt0, opt1 = scalars(events, "llmdbg/grad_norm/total_opt0"), scalars(events, "llmdbg/grad_norm/total_opt1")
     assert len(opt0) == len(opt1) == 2  # manual optimization counts each optimizer's step
     for (batch_idx, i), expected in seen.items():
@@ -289,3 +289,10 @@ def test_manual_optimization_with_two_optimizers_measures_each_optimizers_parame
         assert_close(logged, expected, 1e-5, f"optimizer {i} at batch {batch_idx}")
     assert set(scalars(events, "llmdbg/grad_norm/block_0")) == set(opt0)  # blocks belong to optimizer 0
     assert set(scalars(events, "llmdbg/grad_norm/head")) == set(opt1)
+    # Both optimizers step in the same batch: each one's update ratio is that of its own plain SGD step.
+    for group in GROUPS:
+        ratio, grad, weight = (scalars(events, f"llmdbg/{f}/{group}") for f in ("update_ratio", "grad_norm", "param_norm"))
+        assert sorted(ratio) == sorted(grad) and len(ratio) == 2, group
+        for step in ratio:
+            # ΔW is a float32 difference of W's: at lr 0.01 it keeps about 3 digits of |ΔW| / |W| ~ 1e-4.
+            assert_close(ratio[step], 0.01 * grad[step] / weight[step], 3e-3, f"update_ratio/{group}@{step}")
