@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,22 @@ def require_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+
+
+class SampledStepCounters:
+    """Mixin for sampling callbacks: which step was sampled last and how many were, kept in checkpoints so that a
+    resumed run continues its schedule. Comes before ``Callback`` in the bases so that its ``state_dict`` wins."""
+
+    last_sampled_step: int = -1
+    samples_taken: int = 0
+
+    def _count_sample(self, step: int) -> None:
+        self.last_sampled_step = step
+        self.samples_taken += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_sampled_step = int(state_dict.get("last_sampled_step", -1))
+        self.samples_taken = int(state_dict.get("samples_taken", 0))

@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_llmdbg import distributed, stats
-from lightning_llmdbg.sampling import SamplingSchedule
+from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule
 from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
 from lightning_llmdbg.signals import SignalSource, Signals
 from lightning_llmdbg.writers import Writers
@@ -67,7 +67,7 @@ class _Accumulator:
             rank_zero_warn(f"ActivationProbe: {key} changed width within a step ({tuple(self.sums[key].shape)} then {tuple(sums.shape)}); the later call is left out.")
 
 
-class ActivationProbe(Callback, SignalSource):
+class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     r"""Statistics of chosen layers' activations, measured by hooks that exist only on sampled steps.
 
     On a sampled optimizer step, forward hooks are attached at the start of each of its (micro-)batches and
@@ -149,8 +149,6 @@ class ActivationProbe(Callback, SignalSource):
         self.histograms = bool(histograms)
         self.attention = bool(attention)
         self.logits = bool(logits)
-        self.samples_taken = 0
-        self.last_sampled_step = -1
         self._targets: dict[str, nn.Module] = {}
         self._attention: dict[str, nn.Module] = {}
         self._head: nn.Module | None = None
@@ -223,13 +221,6 @@ class ActivationProbe(Callback, SignalSource):
         self._pending_step = None
         self._acc = _Accumulator()
         self._targets, self._attention, self._head = {}, {}, None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_sampled_step = int(state_dict.get("last_sampled_step", -1))
-        self.samples_taken = int(state_dict.get("samples_taken", 0))
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -327,8 +318,7 @@ class ActivationProbe(Callback, SignalSource):
                 "ActivationProbe: the attention modules did not return attention probabilities, so no attention "
                 "entropy is logged. For Hugging Face models load them with attn_implementation='eager'."
             )
-        self.samples_taken += 1
-        self.last_sampled_step = step
+        self._count_sample(step)
         self._publish(Signals(source=self.signal_source_name, step=step, values=values))
         if self._writers is not None:
             self._writers.scalars(values, step)

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_llmdbg import distributed, stats
-from lightning_llmdbg.sampling import SamplingSchedule, require_int
+from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
 from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
 from lightning_llmdbg.signals import SignalSource, Signals
 from lightning_llmdbg.writers import Writers
@@ -38,7 +38,7 @@ class _Plan:
         return len(self.group_names)
 
 
-class GradientMonitor(Callback, SignalSource):
+class GradientMonitor(SampledStepCounters, Callback, SignalSource):
     r"""Log per-group gradient statistics on sampled optimizer steps.
 
     Measured in ``on_before_optimizer_step``: after AMP unscaling and gradient accumulation, before clipping.
@@ -113,8 +113,6 @@ class GradientMonitor(Callback, SignalSource):
         self.histogram_bins = histogram_bins
         self.absmax = bool(absmax)
         self.param_norm = bool(param_norm)
-        self.last_sampled_step = -1
-        self.samples_taken = 0
         self._plans: dict[int, _Plan] = {}
         self._writers: Writers | None = None
         # Per optimizer: (plan, step, parameters before the step, their sums of squares), until the step is taken.
@@ -169,8 +167,7 @@ class GradientMonitor(Callback, SignalSource):
         values, details, param_sumsq = self._measure(plan)
         if self.update_ratio:
             self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq)
-        self.last_sampled_step = step
-        self.samples_taken += 1
+        self._count_sample(step)
         self._emit(step, values, details)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -186,13 +183,6 @@ class GradientMonitor(Callback, SignalSource):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plans = {}
         self._pending_updates = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_sampled_step": self.last_sampled_step, "samples_taken": self.samples_taken}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_sampled_step = int(state_dict.get("last_sampled_step", -1))
-        self.samples_taken = int(state_dict.get("samples_taken", 0))
 
     # -- measurement -------------------------------------------------------------------------------------------
     def _make_plan(self, names: list[str], params: list[Tensor], group_of: dict[str, str], total: str) -> _Plan:
