@@ -131,18 +131,40 @@ ACT_SCALARS = 7
 def activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
     """Partial sums (float64) and maxima (float32) of one activation ``[..., C]``; see :func:`activation_stats`.
 
-    The moments are raw sums, so they add up across micro-batches and ranks; they are taken in float64 because
-    the kurtosis subtracts large terms from each other when the mean is large against the spread (a float32
-    copy would leave only noise for a channel at 100 ± 1). The float64 copy lives for this call only.
+    The moments leave as raw float64 sums, so that they add up across micro-batches and ranks. They are taken in
+    float32 about the tensor's own mean and shifted to raw sums in float64 afterwards: summing powers of centred
+    values keeps the precision that raw float32 powers would lose when the mean is large against the spread
+    (a channel at 100 ± 1), without a float64 copy of the activation. Each reduction is a float32 cascade sum
+    (``sum(dtype=float64)`` would copy the tensor to float64 first); temporaries live for this call only.
     """
-    flat = x.detach().reshape(-1, x.shape[-1]).double()
-    sq = flat * flat
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    rows, channels = flat.shape
+    shift = flat.mean()
+    d = flat - shift
+    d2 = d * d
+    channel_d1, channel_d2 = d.sum(0).double(), d2.sum(0).double()
+    d3 = (d2 * d).sum().double()
+    d4 = d2.square_().sum().double()
+    outliers = flat.abs().ge_(OUTLIER_MAGNITUDE).sum(0).double()
+    zeros = (flat.numel() - torch.count_nonzero(flat)).double().reshape(1)
+    # amax and amin separately: the fused aminmax over dim 0 is about 20x slower on CPU.
     channel_max, channel_min = flat.amax(0).float(), flat.amin(0).float()
-    per_channel = torch.stack(
-        [flat.sum(0), sq.sum(0), (sq * flat).sum(0), (sq * sq).sum(0), (sq >= OUTLIER_MAGNITUDE**2).sum(0).double()]
+
+    m, n = shift.double(), float(flat.numel())
+    d1, d2_sum = channel_d1.sum(), channel_d2.sum()
+    raw = torch.stack(
+        [
+            d1 + n * m,
+            d2_sum + 2 * m * d1 + n * m**2,
+            d3 + 3 * m * d2_sum + 3 * m**2 * d1 + n * m**3,
+            d4 + 4 * m * d3 + 6 * m**2 * d2_sum + 4 * m**3 * d1 + n * m**4,
+        ]
     )
-    rows = torch.tensor([flat.shape[0], flat.numel()], dtype=torch.float64, device=flat.device)
-    sums = torch.cat([rows, per_channel[:4].sum(1), (flat == 0).sum().double().reshape(1), per_channel[1], per_channel[4]])
+    channel_sq = channel_d2 + 2 * m * channel_d1 + rows * m**2
+    counts = torch.tensor([rows, n], dtype=torch.float64, device=flat.device)
+    sums = torch.cat([counts, raw, zeros, channel_sq, outliers])
     absmax = torch.maximum(channel_max.max(), -channel_min.min()).reshape(1)
     return sums, torch.cat([absmax, channel_max])
 
@@ -182,9 +204,13 @@ def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
 
 def attention_partials(probs: Tensor) -> Tensor:
     """Per head ``[Σ rows' entropy −Σ p log p, number of rows]`` of attention probabilities ``[B, H, Tq, Tk]``."""
-    probs = probs.detach().float()
-    # p·log(max(p, tiny)) is exactly 0 where p = 0, and about twice as fast as xlogy on CPU.
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [B, H, Tq]
+    probs = probs.detach()
+    if probs.dtype not in (torch.float32, torch.float64):
+        probs = probs.float()
+    # p · log(max(p, 1e-30)) is exactly 0 where p = 0 (the masked half of causal attention). Clamping first keeps
+    # log off its slow -inf and denormal paths on CPU; the row sums are one batched dot product. About 1.6x faster
+    # than torch.special.entr and 5x faster than an unclamped log on CPU.
+    entropy = -torch.linalg.vecdot(probs, probs.clamp_min(1e-30).log_())  # [B, H, Tq]
     rows = entropy.shape[0] * entropy.shape[2]
     per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
     return torch.cat([per_head, torch.full_like(per_head, rows)])

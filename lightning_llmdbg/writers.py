@@ -111,7 +111,24 @@ class Writers:
             log.info("step %d %s", step, body)
             return
         for logger in self.loggers:
-            logger.log_metrics(dict(metrics), step=step)
+            if _is_logger(logger, "TensorBoardLogger"):
+                self._tensorboard_scalars(logger, metrics, step)
+            else:
+                logger.log_metrics(dict(metrics), step=step)
+
+    @staticmethod
+    def _tensorboard_scalars(logger: Any, metrics: Mapping[str, float], step: int) -> None:
+        """All of a step's scalars as one event. Through ``log_metrics`` each scalar is an event of its own, and
+        ``SummaryWriter``'s bounded queue (10 events by default) makes the training thread wait on the writer thread
+        for most of them: about 25 µs a scalar, 1.3 ms for the 46 scalars of a probed step of the reference GPT."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        prefix = getattr(logger, "_prefix", "") or ""
+        join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+        summary = Summary(
+            value=[Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v)) for k, v in metrics.items()]
+        )
+        logger.experiment._get_file_writer().add_summary(summary, step)
 
     def histogram(self, tag: str, hist: Histogram, step: int) -> None:
         """TensorBoard ``add_histogram_raw`` and ``wandb.Histogram``; non-finite values are reported, never binned."""
@@ -154,8 +171,20 @@ class Writers:
             for run in runs:
                 run.log({tag: wandb.Html(f"<pre>{markdown}</pre>"), "trainer/global_step": step})
 
-    def table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
-        """TensorBoard: a markdown table in the text tab. W&B: a ``wandb.Table``."""
+    def table(
+        self,
+        tag: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int,
+        html: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """TensorBoard: a markdown table in the text tab. W&B: a ``wandb.Table``.
+
+        Args:
+            html: W&B only: per column name, one HTML string per row that replaces that column's cells as
+                ``wandb.Html`` (TensorBoard's markdown renderer drops most HTML, so it keeps the plain cells).
+        """
         if not self.enabled:
             return
         if self._python_logging_only():
@@ -166,8 +195,13 @@ class Writers:
         runs = self._wandb_runs()
         if runs:
             wandb = import_wandb()
+            data = [list(r) for r in rows]
+            for name, cells in (html or {}).items():
+                col = list(columns).index(name)
+                for row, cell in zip(data, cells):
+                    row[col] = wandb.Html(cell)
             for run in runs:
-                run.log({tag: wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "trainer/global_step": step})
+                run.log({tag: wandb.Table(columns=list(columns), data=data), "trainer/global_step": step})
 
     def image(self, tag: str, image_hwc: Any, step: int) -> None:
         """An ``H×W×3`` uint8 array."""

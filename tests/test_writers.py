@@ -85,6 +85,23 @@ def test_every_logger_gets_scalars(tmp_path):
     assert "llmdbg/grad_norm/total" in header and "llmdbg/grad_norm/block_2" in header
 
 
+def test_tensorboard_scalars_of_a_step_read_back_as_log_metrics_writes_them(tmp_path):
+    """One event per step, yet the same tags, steps and values that Lightning's ``log_metrics`` writes, prefix included."""
+    ours, lightnings = TensorBoardLogger(str(tmp_path), name="ours", prefix="run"), TensorBoardLogger(str(tmp_path), name="lightning", prefix="run")
+    view = _TrainerView(True, [ours])
+    writers = Writers(view)
+    for step in range(3):
+        metrics = {f"llmdbg/act/block_{i}/rms": 0.5 * i + step for i in range(4)} | {"llmdbg/nan": float("nan")}
+        writers.scalars(metrics, step)
+        lightnings.log_metrics(metrics, step)
+    writers.flush()
+    lightnings.experiment.flush()
+    expected, logged = read_events(lightnings.log_dir), read_events(ours.log_dir)
+    assert sorted(logged.Tags()["scalars"]) == sorted(expected.Tags()["scalars"]) and "run-llmdbg/act/block_3/rms" in expected.Tags()["scalars"]
+    for tag in expected.Tags()["scalars"]:
+        assert [(e.step, str(e.value)) for e in logged.Scalars(tag)] == [(e.step, str(e.value)) for e in expected.Scalars(tag)], tag
+
+
 def test_only_rank_zero_writes(tmp_path):
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     not_zero = _TrainerView(False, [tb])  # Writers holds its trainer weakly: keep it alive here

@@ -47,6 +47,20 @@ def attention_probabilities(output: Any) -> Tensor | None:
     return None
 
 
+def attention_logit_max(output: Any) -> Tensor | None:
+    """The largest pre-softmax attention logit, from ``(output, probabilities, logit_max)`` where an attention module
+    returns it (the reference GPT does); softmax probabilities alone cannot give it back."""
+    if (
+        attention_probabilities(output) is not None
+        and len(output) > 2
+        and isinstance(output[2], Tensor)
+        and output[2].dim() <= 1
+        and output[2].is_floating_point()
+    ):
+        return output[2].detach().float().amax().reshape(1)
+    return None
+
+
 @dataclass
 class _Accumulator:
     """On-device partial sums of one sampled step, added up over its micro-batches."""
@@ -96,6 +110,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       ``(output, probabilities)`` (Hugging Face attention under ``attn_implementation="eager"``; the reference
       GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps). HF eager
       attention returns its weights after attention dropout: with ``attn_pdrop > 0`` they are not probabilities.
+    - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d), for attention modules
+      that return it as a third element ``(output, probabilities, logit_max)``, as the reference GPT does;
+      Hugging Face attention returns probabilities only, from which the logits cannot be recovered.
     - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
@@ -180,7 +197,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             if self.gradients:
                 charts[f"{PREFIX}/act_grad/rms"] = [rf"{PREFIX}/act_grad/.*/rms$"]
             if self._attention:
-                charts.update({f"{PREFIX}/attn/{s}": [rf"{PREFIX}/attn/.*/{s}$"] for s in ("entropy_mean", "entropy_min")})
+                charts.update({f"{PREFIX}/attn/{s}": [rf"{PREFIX}/attn/.*/{s}$"] for s in ("entropy_mean", "entropy_min", "logit_max")})
             if self._head is not None:
                 charts[f"{PREFIX}/logits"] = [rf"{PREFIX}/logits/.*"]
             self._writers.custom_scalars("llmdbg: activations", charts)
@@ -267,7 +284,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             probs = attention_probabilities(output)
             if probs is not None:
-                self._acc.add(f"attn/{key}", stats.attention_partials(probs))
+                self._acc.add(f"attn/{key}", stats.attention_partials(probs), attention_logit_max(output))
 
         return hook
 
@@ -306,6 +323,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 values[f"{PREFIX}/act_grad/{name}/rms"] = (total / count) ** 0.5 / self._loss_scale / world
             elif kind == "attn":
                 values.update({f"{PREFIX}/attn/{name}/{s}": v for s, v in stats.attention_stats(partial).items()})
+                if key in maxes:
+                    values[f"{PREFIX}/attn/{name}/logit_max"] = float(maxes[key][0])
             elif kind == "logits":
                 lse_sq, positions = partial.tolist()
                 values[f"{PREFIX}/logits/lse_sq"] = lse_sq / positions

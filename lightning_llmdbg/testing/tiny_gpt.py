@@ -24,8 +24,8 @@ class GPTConfig:
 
 class CausalSelfAttention(nn.Module):
     """Fused attention; with ``return_attention`` set it also computes the attention probabilities (without
-    gradient) and returns ``(output, probabilities [B, H, T, T])`` as Hugging Face eager attention does
-    (ActivationProbe sets it on sampled steps only)."""
+    gradient) and returns ``(output, probabilities [B, H, T, T], largest attention logit)``: the first two as
+    Hugging Face eager attention returns them (ActivationProbe sets it on sampled steps only)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -37,7 +37,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.return_attention = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -46,10 +46,11 @@ class CausalSelfAttention(nn.Module):
         if not self.return_attention:
             return out
         with torch.no_grad():  # the same probabilities the fused kernel used, outside the graph
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
-            probs = scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)
-        return out, probs
+            # An additive -inf mask: adding a broadcast [T, T] tensor is about twice as fast on CPU as masked_fill_.
+            causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
+            scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.shape[-1])).add_(causal)
+            probs = scores.softmax(dim=-1)
+        return out, probs, scores.amax()
 
 
 class MLP(nn.Module):

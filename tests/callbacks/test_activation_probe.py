@@ -153,15 +153,21 @@ def test_reference_gpt_attention_entropy_and_logits(tmp_path):
     class Direct(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 0:
-                with torch.no_grad():
-                    attn = pl_module.model.transformer.h[0].attn
-                    x = pl_module.model.transformer.wte(batch["input_ids"]) + pl_module.model.transformer.wpe(torch.arange(batch["input_ids"].shape[1]))
-                    attn.return_attention = True
-                    _, probs = attn(pl_module.model.transformer.h[0].ln_1(x))
-                    attn.return_attention = False
-                    per_head = -(probs.double() * probs.double().clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
-                    logits = pl_module(batch["input_ids"]).double()
+                with torch.no_grad():  # block 0's attention by hand, in float64, from its weights
+                    gpt = pl_module.model.transformer
+                    ids = batch["input_ids"]
+                    x = gpt.h[0].ln_1(gpt.wte(ids) + gpt.wpe(torch.arange(ids.shape[1]))).double()
+                    attn = gpt.h[0].attn
+                    q, k, _ = torch.nn.functional.linear(x, attn.c_attn.weight.double(), attn.c_attn.bias.double()).chunk(3, -1)
+                    B, T, C = q.shape
+                    q, k = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
+                    scores = (q @ k.transpose(-2, -1)) / (C // attn.n_head) ** 0.5
+                    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+                    probs = scores.softmax(-1)
+                    per_head = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean(dim=(0, 2))
+                    logits = pl_module(ids).double()
                 seen.update(entropy_mean=per_head.mean().item(), entropy_min=per_head.min().item(),
+                            logit_max=scores.max().item(),
                             lse_sq=torch.logsumexp(logits, -1).pow(2).mean().item(), max=logits.max().item())
 
     logger = TensorBoardLogger(str(tmp_path), name="tb")
@@ -170,6 +176,7 @@ def test_reference_gpt_attention_entropy_and_logits(tmp_path):
     events = read_events(logger.log_dir)
     assert_close(scalars(events, "llmdbg/attn/block_0/entropy_mean")[0], seen["entropy_mean"], 1e-5, "entropy_mean")
     assert_close(scalars(events, "llmdbg/attn/block_0/entropy_min")[0], seen["entropy_min"], 1e-5, "entropy_min")
+    assert_close(scalars(events, "llmdbg/attn/block_0/logit_max")[0], seen["logit_max"], 1e-5, "attention logit max")
     assert_close(scalars(events, "llmdbg/logits/lse_sq")[0], seen["lse_sq"], 1e-5, "lse_sq")
     assert_close(scalars(events, "llmdbg/logits/max")[0], seen["max"], 1e-5, "max logit")
     assert not any(block.attn.return_attention for block in model.model.transformer.h)
