@@ -25,3 +25,20 @@ def test_main_job_logs_gradient_monitor_keys_and_says_where(tmp_path, capsys):
     assert {"llmdbg/act/block_3/kurtosis", "llmdbg/act_grad/block_0/rms", "llmdbg/attn/block_2/entropy_min", "llmdbg/logits/lse_sq"} <= tags
     assert [e.step for e in events.Scalars("llmdbg/act/block_0/rms")] == [0]
     assert [e.step for e in events.Scalars("llmdbg/grad_norm/total")] == list(range(10)) + [10]
+
+
+def test_lightning_cli_yaml_configures_every_callback(tmp_path):
+    config = EXAMPLES / "llmdbg_cli.yaml"
+    cli = _load("cli").main([
+        "fit", "--config", str(config), "--trainer.max_steps", "12", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_checkpointing", "false",
+    ])
+    by_type = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
+    monitor, probe = by_type["GradientMonitor"], by_type["ActivationProbe"]
+    # The YAML's values, not the defaults (25 / 10 / False / 100).
+    assert (monitor.schedule.every_n_steps, monitor.schedule.warmup_steps, monitor.update_ratio) == (10, 5, True)
+    assert probe.schedule.every_n_steps == 50
+    events = read_events(cli.trainer.logger.log_dir)
+    assert [e.step for e in events.Scalars("llmdbg/grad_norm/block_1")] == [0, 1, 2, 3, 4, 10]
+    assert [e.step for e in events.Scalars("llmdbg/act/block_1/rms")] == [0]
+    assert "llmdbg/update_ratio/head" in events.Tags()["scalars"]
