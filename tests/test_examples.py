@@ -42,3 +42,11 @@ def test_lightning_cli_yaml_configures_every_callback(tmp_path):
     assert [e.step for e in events.Scalars("llmdbg/grad_norm/block_1")] == [0, 1, 2, 3, 4, 10]
     assert [e.step for e in events.Scalars("llmdbg/act/block_1/rms")] == [0]
     assert "llmdbg/update_ratio/head" in events.Tags()["scalars"]
+
+
+def test_hf_gpt2_example_resolves_its_blocks_from_transformer_h(tmp_path, capsys):
+    log_dir = _load("hf_gpt2").main(["--steps", "3", "--batch-size", "2", "--n-layer", "2", "--log-dir", str(tmp_path)])
+    tags = set(read_events(str(log_dir)).Tags()["scalars"])
+    assert {"llmdbg/grad_norm/block_0", "llmdbg/grad_norm/block_1", "llmdbg/grad_norm/embeddings"} <= tags
+    assert "llmdbg/grad_norm/block_2" not in tags
+    assert {"llmdbg/act/transformer.h.1/rms", "llmdbg/attn/transformer.h.1/entropy_min"} <= tags
