@@ -21,6 +21,9 @@ from lightning_llmdbg.stats import Histogram
 log = logging.getLogger("lightning_llmdbg")
 
 ALERT_LEVELS = ("INFO", "WARN", "ERROR")
+# The custom-scalars category that tells a run's health story on one page; it comes first in the layout, whichever
+# callback adds to it first. The per-family categories follow in the order they were added.
+HEALTH_CATEGORY = "llmdbg: health"
 WANDB_INSTALL_HINT = 'wandb is not installed. Install it with: pip install "lightning-llmdbg[wandb]"'
 
 
@@ -240,15 +243,17 @@ class Writers:
     def custom_scalars(self, category: str, charts: Mapping[str, Sequence[str]]) -> None:
         """Add TensorBoard custom-scalar charts (``{title: [tag regex, ...]}``), merged with those added before.
 
-        TensorBoard keeps one layout per run, so the merged layout is written whole each time.
+        TensorBoard keeps one layout per run, so the merged layout is written whole each time, with
+        :data:`HEALTH_CATEGORY` first.
         """
         if not self.enabled:
             return
         section = self._layout.setdefault(category, {})
         for title, patterns in charts.items():
             section[title] = ["Multiline", list(patterns)]
+        layout = dict(sorted(self._layout.items(), key=lambda kv: kv[0] != HEALTH_CATEGORY))
         for writer in self._tensorboards():
-            writer.add_custom_scalars(self._layout)
+            writer.add_custom_scalars(layout)
 
     def flush(self) -> None:
         if not self.enabled:

@@ -8,7 +8,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning_llmdbg import GradientMonitor
 from lightning_llmdbg.stats import Histogram
 from lightning_llmdbg.testing.wandb_records import read_finished_run
-from lightning_llmdbg.writers import Writers, import_wandb
+from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers, import_wandb
 from tests.helpers import read_events, scalars, small_data, small_gpt, trainer_kwargs
 
 
@@ -121,10 +121,13 @@ def test_custom_scalar_layouts_are_merged(tmp_path):
     writers = Writers(view)
     writers.custom_scalars("llmdbg: gradients", {"grad": ["llmdbg/grad_norm/.*"]})
     writers.custom_scalars("llmdbg: activations", {"act": ["llmdbg/act/.*/rms"]})
+    writers.custom_scalars(HEALTH_CATEGORY, {"grad norm by block": ["llmdbg/grad_norm/.*"]})
+    writers.custom_scalars(HEALTH_CATEGORY, {"activation RMS": ["llmdbg/act/.*/rms$"]})
     writers.flush()
     layout = layout_pb2.Layout()
     layout.ParseFromString(read_events(tb.log_dir).Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
-    assert [c.title for c in layout.category] == ["llmdbg: gradients", "llmdbg: activations"]
+    assert [c.title for c in layout.category] == [HEALTH_CATEGORY, "llmdbg: gradients", "llmdbg: activations"]
+    assert [c.title for c in layout.category[0].chart] == ["grad norm by block", "activation RMS"]
 
 
 def test_tables_and_text_reach_tensorboard(tmp_path):

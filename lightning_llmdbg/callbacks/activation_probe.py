@@ -15,7 +15,7 @@ from lightning_llmdbg import distributed, stats
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule
 from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
 from lightning_llmdbg.signals import SignalSource, Signals
-from lightning_llmdbg.writers import Writers
+from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
 PREFIX = "llmdbg"
 ACT_STATS = ("mean", "std", "rms", "absmax", "zero_frac", "dead_frac", "outliers", "channel_kurtosis", "kurtosis")
@@ -118,7 +118,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
       bins so that micro-batches and ranks add up; NaN/Inf are counted, not binned.
 
-    TensorBoard gets a custom-scalars layout with one chart per statistic and all modules on it. The values are
+    TensorBoard gets a custom-scalars layout with one chart per statistic and all modules on it, and the RMS,
+    kurtosis and lowest-head attention entropy charts in the one-page ``llmdbg: health`` category. The values are
     also published as :class:`~lightning_llmdbg.signals.Signals` to subscribers.
 
     Args:
@@ -201,6 +202,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             if self._head is not None:
                 charts[f"{PREFIX}/logits"] = [rf"{PREFIX}/logits/.*"]
             self._writers.custom_scalars("llmdbg: activations", charts)
+            health = {f"activation {s} by layer": [rf"{PREFIX}/act/.*/{s}$"] for s in ("rms", "kurtosis") if s in self.stats}
+            if self._attention:
+                health["attention entropy (lowest head) by layer"] = [rf"{PREFIX}/attn/.*/entropy_min$"]
+            self._writers.custom_scalars(HEALTH_CATEGORY, health)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -16,7 +16,7 @@ from lightning_llmdbg import distributed, stats
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
 from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
 from lightning_llmdbg.signals import SignalSource, Signals
-from lightning_llmdbg.writers import Writers
+from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
 PREFIX = "llmdbg"
 
@@ -57,7 +57,8 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
       applied (``update_ratio=True``; costs a transient copy of the parameters on sampled steps).
     - ``llmdbg/grad_hist/<group>``: histogram of the group's finite gradient values (``histograms=True``).
 
-    TensorBoard also gets a custom-scalars layout: one chart per family with all groups on it.
+    TensorBoard also gets a custom-scalars layout: one chart per family with all groups on it, and the gradient norm
+    and update ratio charts in the one-page ``llmdbg: health`` category.
 
     Subscribers (:meth:`subscribe`) receive, per sampled step, a :class:`~lightning_llmdbg.signals.Signals` with
     the gradient statistics before the optimizer step (so that a rule can still act on it), and with
@@ -332,3 +333,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         self._writers.custom_scalars(
             "llmdbg: gradients", {f"{PREFIX}/{f}": [rf"{PREFIX}/{f}/.*"] for f in families}
         )
+        health = {"gradient norm by group": [rf"{PREFIX}/grad_norm/.*"]}
+        if self.update_ratio:
+            health["update / weight ratio by group"] = [rf"{PREFIX}/update_ratio/.*"]
+        self._writers.custom_scalars(HEALTH_CATEGORY, health)
