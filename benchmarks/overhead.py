@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from pytorch_lightning.utilities import grad_norm  # noqa: E402
 
-from lightning_llmdbg import ActivationProbe, GradientMonitor  # noqa: E402
+from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, LLMDebugger  # noqa: E402
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule  # noqa: E402
 
 STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -96,6 +96,10 @@ class OnlyInArm(pl.Callback):
     @property
     def state_key(self) -> str:
         return f"OnlyInArm[{self.arm}]"
+
+    @property
+    def callbacks(self) -> list:  # so that AnomalyAlert finds the measuring callbacks inside (signal_sources)
+        return [self.inner]
 
     def __getattribute__(self, name):
         if name in STEP_HOOKS:
@@ -294,6 +298,9 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
 EVERY_STEP_ARMS = {  # blocks of 25 steps
     "gradient_monitor_default": lambda: GradientMonitor(),
     "gradient_monitor_every_step": lambda: GradientMonitor(every_n_steps=1),
+    "anomaly_alert_with_gradient_monitor_default": lambda: LLMDebugger(
+        gradients=GradientMonitor(), activations=False, examples=False, alerts=AnomalyAlert(), progress_bar=False
+    ),
     "lightning_grad_norm_every_step": lambda: LightningGradNorm(),
     "wandb_watch_all": lambda: WandbWatchAll(),
     "activation_probe_every_block_every_step": lambda: ActivationProbe(every_n_steps=1),
@@ -302,6 +309,7 @@ EVERY_STEP_ARMS = {  # blocks of 25 steps
 }
 SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
     "activation_probe_default": lambda: ActivationProbe(),
+    "llm_debugger_default": lambda: LLMDebugger(progress_bar=False),
 }
 
 

@@ -7,7 +7,7 @@ that reacts (anomaly rules) calls :meth:`SignalSource.subscribe` on the sources 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,3 +53,16 @@ class SignalSource:
         self.latest_signals = signals
         for listener in list(self._signal_listeners):
             listener(signals)
+
+
+def signal_sources(callbacks: Iterable[Any]) -> list[SignalSource]:
+    """The :class:`SignalSource` callbacks among ``callbacks`` (``trainer.callbacks``), also those inside a
+    composite callback such as ``LLMDebugger`` that lists its parts in a ``callbacks`` attribute."""
+    found: list[SignalSource] = []
+    for callback in callbacks:
+        if isinstance(callback, SignalSource):
+            found.append(callback)
+        inner = getattr(type(callback), "callbacks", None)
+        if isinstance(inner, property):
+            found.extend(signal_sources(callback.callbacks))
+    return found
