@@ -326,21 +326,26 @@ class UpdateRatio(Rule):
             learning at all (a learning-rate schedule that decays to near zero stays above it).
         high: two orders of magnitude above the ~1e-3 that cs231n's notes call healthy; at 0.1 one step moves the
             weights by a tenth of their norm. (SageMaker's ``large_threshold`` of 10 only catches blow-ups.)
+        warmup_steps: the band applies from this optimizer step on. Adam's first updates are about the learning
+            rate per element, so on freshly initialised weights the ratio is about lr / rms(W): 0.1 for lr 2e-3 on
+            GPT-2's std-0.02 init, an ordinary start (the demo's first alert before this existed).
     """
 
     name = "update_ratio"
     level = "WARN"
     patterns = ("llmdbg/update_ratio/*",)
 
-    def __init__(self, low: float = 1e-8, high: float = 0.1) -> None:
+    def __init__(self, low: float = 1e-8, high: float = 0.1, warmup_steps: int = 50) -> None:
         _require_positive("low", low)
         _require_positive("high", high)
         if low >= high:
             raise ValueError(f"`low` must be below `high`, got low={low!r}, high={high!r}.")
-        self.low, self.high = float(low), float(high)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        self.low, self.high, self.warmup_steps = float(low), float(high), warmup_steps
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:
-        if not math.isfinite(value):
+        if not math.isfinite(value) or step < self.warmup_steps:
             return None
         if value > self.high:
             return self._anomaly(key, step, value, self.high, f"{key} = {value:.3g} at step {step}, above {self.high:g}")
@@ -355,16 +360,27 @@ class DeadUnits(Rule):
     Args:
         max_frac: SageMaker Debugger's ``dead_relu`` rule flags a layer when more than 50% of its units are
             inactive (``threshold_layer=50.0`` percent).
+        ignore: globs over module names left out. By default the transformer blocks' outputs (``block_<n>``, what
+            ActivationProbe probes by default): they are the residual stream, not units, and in healthy runs many of
+            its channels keep one sign over a whole batch (the reference GPT's block 1 reaches 52% by step 50;
+            see also "Massive Activations in Large Language Models", Sun et al. 2024). Probe the MLP's activation
+            (``ActivationProbe(modules=["*.mlp.act"])`` or the model's name for it) to watch dead units.
     """
 
     name = "dead_units"
     level = "WARN"
     patterns = ("llmdbg/act/*/dead_frac",)
 
-    def __init__(self, max_frac: float = 0.5) -> None:
+    def __init__(self, max_frac: float = 0.5, ignore: Sequence[str] = ("block_*",)) -> None:
         if isinstance(max_frac, bool) or not isinstance(max_frac, (int, float)) or not 0 < max_frac < 1:
             raise ValueError(f"`max_frac` must be between 0 and 1, got {max_frac!r}.")
+        if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):
+            raise ValueError(f"`ignore` must be a sequence of glob strings, got {ignore!r}.")
         self.max_frac = float(max_frac)
+        self.ignore = tuple(ignore)
+
+    def applies(self, key: str) -> bool:
+        return super().applies(key) and not any(fnmatch.fnmatchcase(group_of(key), p) for p in self.ignore)
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:
         if math.isfinite(value) and value > self.max_frac:

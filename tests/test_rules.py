@@ -78,9 +78,11 @@ def test_exploding_gradient_and_update_ratio_band():
     assert ExplodingGradient().check(NORM, 150.0, (), 1).level == "ERROR"
     assert ExplodingGradient().check(NORM, 50.0, (), 1) is None
     ratio = "llmdbg/update_ratio/block_0"
-    assert UpdateRatio().check(ratio, 1e-3, (), 1) is None
-    assert UpdateRatio().check(ratio, 0.5, (), 1).threshold == 0.1
-    assert UpdateRatio().check(ratio, 0.0, (), 1).threshold == 1e-8
+    assert UpdateRatio().check(ratio, 1e-3, (), 60) is None
+    assert UpdateRatio().check(ratio, 0.5, (), 60).threshold == 0.1
+    assert UpdateRatio().check(ratio, 0.0, (), 60).threshold == 1e-8
+    assert UpdateRatio().check(ratio, 0.5, (), 49) is None  # Adam's first updates: about lr per element
+    assert UpdateRatio(warmup_steps=0).check(ratio, 0.5, (), 0) is not None
 
 
 def test_param_norm_jump():
@@ -91,9 +93,11 @@ def test_param_norm_jump():
 
 
 def test_activation_rules():
-    dead = "llmdbg/act/block_0/dead_frac"
-    assert DeadUnits().check(dead, 0.6, (), 100).group == "block_0"
+    dead = "llmdbg/act/transformer.h.0.mlp.gelu/dead_frac"
+    assert DeadUnits().check(dead, 0.6, (), 100).group == "transformer.h.0.mlp.gelu"
     assert DeadUnits().check(dead, 0.4, (), 100) is None
+    assert DeadUnits().applies(dead) and DeadUnits(ignore=["*.gelu"]).applies(dead) is False
+    assert not DeadUnits().applies("llmdbg/act/block_0/dead_frac")  # the residual stream is not units
     entropy = "llmdbg/attn/block_1/entropy_mean"
     baseline = [2.0] * 8
     assert AttentionEntropyDrop().check(entropy, 0.5, baseline, 900) is not None
