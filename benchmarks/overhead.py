@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from pytorch_lightning.utilities import grad_norm  # noqa: E402
 
-from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, LLMDebugger  # noqa: E402
+from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger, LLMDebugger  # noqa: E402
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule  # noqa: E402
 
 STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -309,6 +309,7 @@ EVERY_STEP_ARMS = {  # blocks of 25 steps
 }
 SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
     "activation_probe_default": lambda: ActivationProbe(),
+    "hard_example_logger_default": lambda: HardExampleLogger(),
     "llm_debugger_default": lambda: LLMDebugger(progress_bar=False),
 }
 

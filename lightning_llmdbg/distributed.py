@@ -110,3 +110,31 @@ def reduce_partials(
         if part.numel():
             maxes[key] = part
     return sums, maxes
+
+
+def all_gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's ``[n_r, ...]`` rows, concatenated in rank order, on every rank (two collectives).
+
+    The ranks first agree on the largest ``n_r`` (one host synchronisation), then gather rows padded to it.
+    """
+    if not is_distributed():
+        return rows
+    world = dist.get_world_size()
+    size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank. For small host data on rare steps only."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -13,18 +13,30 @@ def _load(name):
     return module
 
 
-def test_main_job_logs_gradient_monitor_keys_and_says_where(tmp_path, capsys):
-    log_dir = _load("train_tiny_gpt").main(["--steps", "12", "--batch-size", "4", "--log-dir", str(tmp_path)])
+def test_main_job_logs_every_callback_raises_the_scheduled_alert_and_says_where(tmp_path, capsys):
+    args = ["--steps", "30", "--fault-step", "24", "--batch-size", "4", "--log-dir", str(tmp_path), "--no-progress-bar"]
+    log_dir = _load("train_tiny_gpt").main(args)
     out = capsys.readouterr().out
-    assert f"tensorboard --logdir {log_dir}" in out
+    assert "scheduled fault: learning rate x100 at step 24" in out
+    assert f"tensorboard --logdir {log_dir}" in out and f"llmdbg report {log_dir}" in out
+    alerts = [line for line in out.splitlines() if line.startswith("  step ")]
+    assert alerts and all(int(line.split()[1].rstrip(":")) >= 24 for line in alerts), out  # nothing before the fault
     events = read_events(str(log_dir))
     tags = set(events.Tags()["scalars"])
     blocks = [f"llmdbg/grad_norm/block_{i}" for i in range(4)]
-    assert set(blocks) | {"llmdbg/grad_norm/total", "llmdbg/update_ratio/block_0"} <= tags
+    assert set(blocks) | {"llmdbg/grad_norm/total", "llmdbg/update_ratio/block_0", "llmdbg/alerts/count"} <= tags
     assert "llmdbg/grad_hist/block_3" in events.Tags()["histograms"]
     assert {"llmdbg/act/block_3/kurtosis", "llmdbg/act_grad/block_0/rms", "llmdbg/attn/block_2/entropy_min", "llmdbg/logits/lse_sq"} <= tags
     assert [e.step for e in events.Scalars("llmdbg/act/block_0/rms")] == [0]
-    assert [e.step for e in events.Scalars("llmdbg/grad_norm/total")] == list(range(10)) + [10]
+    assert [e.step for e in events.Scalars("llmdbg/grad_norm/total")] == list(range(10)) + [10, 20]
+    assert "llmdbg/hard_examples/text_summary" in events.Tags()["tensors"]
+
+    from lightning_llmdbg.report import main as report
+
+    assert report(["report", str(log_dir), "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert alerts[0].split(":")[0].strip() in printed  # "step N" of the first alert
+    assert (tmp_path / "plots" / "grad_norm_heatmap.png").exists() and (tmp_path / "plots" / "activation_rms.png").exists()
 
 
 def test_lightning_cli_yaml_configures_every_callback(tmp_path):

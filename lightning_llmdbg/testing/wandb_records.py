@@ -72,9 +72,10 @@ def find_run_file(path: str) -> str:
 
 
 def read_wandb_run(path: str) -> dict:
-    """-> {"history": [row], "alerts": [dict], "summary": dict, "finished": bool,
-    "exit_code": int | None}; rows are nested dicts keyed by logged key, incl. "_step"."""
-    out: dict = {"history": [], "alerts": [], "summary": {}, "finished": False, "exit_code": None}
+    """-> {"history": [row], "alerts": [dict], "summary": dict, "artifacts": [dict], "finished": bool,
+    "exit_code": int | None}; rows are nested dicts keyed by logged key, incl. "_step"; artifacts (in
+    logging order) are {"name", "type", "files": {path in artifact: local staged path}}."""
+    out: dict = {"history": [], "alerts": [], "summary": {}, "artifacts": [], "finished": False, "exit_code": None}
     for rec in iter_records(find_run_file(path)):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
@@ -91,6 +92,10 @@ def read_wandb_run(path: str) -> dict:
                 _put(out["summary"], it)
             for it in rec.summary.remove:  # top-level removal only
                 out["summary"].pop(it.key or it.nested_key[0], None)
+        elif kind == "artifact":  # e.g. a logged wandb.Table: its JSON and media, staged on this machine
+            a = rec.artifact
+            files = {e.path: e.local_path for e in a.manifest.contents}
+            out["artifacts"].append(dict(name=a.name, type=a.type, files=files))
         elif kind == "exit":  # written only when the run is finished
             out["finished"], out["exit_code"] = True, rec.exit.exit_code
     return out
