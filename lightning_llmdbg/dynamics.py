@@ -68,6 +68,9 @@ class DynamicsTable:
             self._apply(rows)
 
     def _apply(self, rows: Tensor) -> None:
+        # A row without a usable id (negative) or loss (NaN: every label ignored) would poison its id's sums for the
+        # rest of the run (or index out of range): left out.
+        rows = rows[(rows[:, 0] >= 0) & torch.isfinite(rows[:, 1])] if rows.numel() else rows
         if rows.numel() == 0:
             return
         ids = rows[:, 0].long()

@@ -238,7 +238,8 @@ def activation_findings(run: Run) -> list[Finding]:
 def loss_findings(run: Run) -> list[Finding]:
     out = []
     for tag, series in run.scalars.items():
-        if tag.startswith(f"{PREFIX}/") or not tag.endswith("loss"):
+        # Lightning's `self.log(..., on_step=True, on_epoch=True)` writes `<name>_step` and `<name>_epoch`.
+        if tag.startswith(f"{PREFIX}/") or not re.sub(r"_(step|epoch)$", "", tag).endswith("loss"):
             continue
         values = [v for _, v in series]
         if any(not math.isfinite(v) for v in values):

@@ -151,3 +151,16 @@ def test_redaction_sees_the_plain_text_and_hides_marked_tokens_inside_a_secret()
     assert marked_markdown(segments, marked) == "my key \\[KEY\\] ok"
     assert token_list([3, 1], [0, 1.0, 0, 7.5, 0, 0], segments) == "@3 7.5; 'key ' 1"
     assert marked_markdown(redacted_segments(pieces, None), {1, 2}) == "my **key sk-**9876 ok"
+
+
+def test_dynamics_table_leaves_out_rows_without_an_id_or_a_finite_loss():
+    table = DynamicsTable(flush_every=1)
+    rows = torch.tensor(
+        [[0, 1.0, 0.5, 0.4, 1.0], [1, float("nan"), 0.1, 0.2, 1.0], [-1, 2.0, 0.3, 0.3, 0.0], [1, 3.0, -0.2, 0.1, 0.0]],
+        dtype=torch.float64,
+    )
+    table.add(rows)
+    scores = table.scores()
+    assert scores["id"].tolist() == [0, 1]
+    assert scores["presentations"].tolist() == [1, 1]
+    assert scores["mean_loss"].tolist() == [1.0, 3.0]  # id 1's NaN presentation did not poison it

@@ -22,7 +22,7 @@ from lightning_llmdbg import rules as rules_
 from lightning_llmdbg.rules import LOSS_KEY, Anomaly, History, NonFinite, Rule
 from lightning_llmdbg.selection import resolve_groups
 from lightning_llmdbg.signals import Signals, signal_sources
-from lightning_llmdbg.writers import Writers
+from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
 log = logging.getLogger("lightning_llmdbg")
 
@@ -46,7 +46,8 @@ def load_anomaly_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns a dict with ``step``, ``rank``, ``batches`` (the step's micro-batches, on the CPU), ``rng`` (``torch``,
     ``cuda``, ``python``, ``numpy`` states at the start of the step), ``history`` (signal key -> recent values),
-    ``loss`` and ``anomalies`` (each :meth:`Anomaly.as_dict`). Restore the random state with
+    ``loss`` (the step's loss, the mean over ranks, NaN when the step was not checked) and ``anomalies`` (each
+    :meth:`Anomaly.as_dict`). Restore the random state with
     ``torch.set_rng_state(bundle["rng"]["torch"])`` (and ``torch.cuda.set_rng_state_all(bundle["rng"]["cuda"])``).
     """
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -132,6 +133,9 @@ class AnomalyAlert(Callback):
     - ``llmdbg/alerts/scaler_overflows``: steps a GradScaler skipped for overflow (info, not alerts).
     - ``llmdbg/alerts`` in the progress bar: the count, once there is one.
 
+    TensorBoard custom scalars: the count in the one-page ``llmdbg: health`` category, every ``llmdbg/alerts/*``
+    scalar in ``llmdbg: alerts``.
+
     Reproduction bundle: on an anomaly, ``<log_dir>/llmdbg/anomalies/step_<N>.pt`` (``step_<N>_rank<r>.pt`` from
     other ranks) holds the step's batches, the random states at its start, the recent signal history and the
     anomalies; read it with :func:`load_anomaly_bundle`. At most ``max_bundles`` are written per run.
@@ -202,6 +206,7 @@ class AnomalyAlert(Callback):
         self._step_anomalies: dict[int, list[Anomaly]] = {}
         self._checked_step = -1  # the last step whose every-step check ran
         self._skip_pending = -1  # a step to skip once the every-step check has looked at its gradients
+        self._step_loss = math.nan  # the loss of the step last checked (mean over ranks)
 
     def _reset_counters(self) -> None:
         self.alerts_total = 0
@@ -223,6 +228,9 @@ class AnomalyAlert(Callback):
         self._bundle_dir = os.path.join(log_dir, PREFIX, "anomalies")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._writers is not None:
+            self._writers.custom_scalars(HEALTH_CATEGORY, {"alerts (count)": [rf"{PREFIX}/alerts/count$"]})
+            self._writers.custom_scalars("llmdbg: alerts", {f"{PREFIX}/alerts": [rf"{PREFIX}/alerts/.*"]})
         self._unsubscribe_all()
         sources = signal_sources(trainer.callbacks)  # also the parts of an LLMDebugger
         self._unsubscribe = [source.subscribe(self._on_signals) for source in sources]
@@ -242,7 +250,8 @@ class AnomalyAlert(Callback):
             self._batches = []
             self._rng = _rng_states() if self.max_bundles > self.bundles_saved else {}
             self._step_anomalies = {}
-        self._batches.append(batch)
+        if self.bundles_saved < self.max_bundles:  # no reference held (device memory) when no bundle can be written
+            self._batches.append(batch)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if not self._check_every_step:
@@ -267,12 +276,15 @@ class AnomalyAlert(Callback):
     def _check_step(self, trainer: Trainer, optimizer: Any, step: int) -> list[Anomaly]:
         """The every-step check of the loss and of the gradients' finiteness: one collective, one host transfer."""
         grads = [distributed.local_part(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else (self._loss.device if self._loss is not None else torch.device("cpu"))
+        # A rank with neither gradients nor a loss (a skipped backward) still joins the collective, on the strategy's
+        # device (NCCL cannot reduce a CPU tensor).
+        device = grads[0].device if grads else (self._loss.device if self._loss is not None else trainer.strategy.root_device)
         has_loss = self._loss is not None
         loss = self._loss.to(device) if has_loss else torch.zeros((), device=device)
         self._loss = None
         # NaN/Inf in any gradient makes the sum of their norms non-finite: one fused pass, no per-tensor check.
-        gsum = torch.stack(torch._foreach_norm(grads)).sum().float() if grads else torch.zeros((), device=device)
+        # In float32: fp16 gradients with a finite norm above 65504 would otherwise read as an overflow.
+        gsum = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).sum() if grads else torch.zeros((), device=device)
         packed = torch.stack([loss.reshape(()), gsum])
         world = 1
         if distributed.is_distributed():
@@ -280,6 +292,7 @@ class AnomalyAlert(Callback):
             world = torch.distributed.get_world_size()
         loss_value, grad_sum = packed.tolist()  # the one device -> host transfer of the per-step check
         loss_value /= world
+        self._step_loss = loss_value if has_loss else math.nan
         loss_finite, grads_finite = math.isfinite(loss_value), math.isfinite(grad_sum)
         found: list[Anomaly] = []
         if not (loss_finite and grads_finite) and self._nonfinite is not None:
@@ -304,6 +317,9 @@ class AnomalyAlert(Callback):
                           on_epoch=False, batch_size=1)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` after an exception: unsubscribe here, or a reused GradientMonitor would
+        # keep feeding this (finished) callback.
+        self._unsubscribe_all()
         self._batches, self._loss, self._rng = [], None, {}
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -379,7 +395,14 @@ class AnomalyAlert(Callback):
             return
         # Torch optimizers leave a parameter whose `.grad` is None untouched: no update, no weight decay, no moment
         # or step-count change. Lightning calls this hook inside its closure, before `optimizer.step` reads them.
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None)
         for optimizer in self._trainer.optimizers:
+            if scaler is not None and scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False):
+                # Lightning leaves unscaling of fused optimizers to `scaler.step`; with every gradient gone it would
+                # record no inf check and `scaler.update()` would raise. Unscale (and record) first.
+                state = scaler._per_optimizer_states[id(optimizer)]
+                if state["stage"].name == "READY":
+                    scaler.unscale_(optimizer)
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
@@ -422,6 +445,7 @@ class AnomalyAlert(Callback):
             "rank": rank,
             "batches": _plain(self._batches) if self._batch_step == step else [],
             "rng": _plain_rng(self._rng) if self._batch_step == step else {},
+            "loss": self._step_loss if self._checked_step == step else math.nan,
             "history": {k: list(self.history.get(k)) for k in self.history.names()},
             "anomalies": [a.as_dict() for a in self._step_anomalies.get(step, [])],
         }

@@ -228,10 +228,14 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._batch_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        examples = self._examples(outputs, batch)
-        self._collect(examples)
+        # None or {}: training_step returned None (a skipped step) or the batch was skipped; nothing to rank.
+        skipped = outputs is None or (isinstance(outputs, Mapping) and not outputs)
+        examples = None if skipped else self._examples(outputs, batch)
+        if examples is not None:
+            self._collect(examples)
         if self._table is not None:
-            rows = distributed.all_gather_rows(examples["dynamics"]) if distributed.is_distributed() else examples["dynamics"]
+            local = examples["dynamics"] if examples is not None else torch.empty(0, 5, dtype=torch.float64, device=trainer.strategy.root_device)
+            rows = distributed.all_gather_rows(local) if distributed.is_distributed() else local  # on every rank
             self._table.add(rows)
         step = self._batch_step
         # Log once the optimizer step is taken (after its last micro-batch), so that attribution sees the new weights.
@@ -258,6 +262,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
         if isinstance(logits, Tensor) and logits.dim() == 2 and isinstance(target, Tensor):
             classifier = classifier_stats(logits, target)
         per_token = None
+        aligned = False  # whether per_token already has the never-predicted first position in front
         if isinstance(out.get("per_example_loss"), Tensor):
             if self.loss_fn is not None and "loss_fn" not in self._warned:
                 self._warned.add("loss_fn")
@@ -269,6 +274,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
         elif isinstance(logits, Tensor) and logits.dim() == 3 and isinstance(data.get("labels"), Tensor) and "input_ids" in data:
             with torch.no_grad():
                 loss, per_token = causal_lm_losses(logits.detach(), data["labels"], self._shift_for(data))
+            aligned = True
         elif classifier is not None:
             loss = classifier["loss"]
         else:
@@ -297,8 +303,9 @@ class HardExampleLogger(SampledStepCounters, Callback):
         if "labels" in rows and "input_ids" in rows:
             self._shift_for(data)
         if isinstance(per_token, Tensor) and per_token.dim() == 2:
+            per_token = per_token.detach().float()
             # Aligned with the displayed tokens: the first is never predicted.
-            rows["per_token"] = torch.cat([torch.full_like(per_token[:, :1], float("nan")), per_token.detach().float()], dim=1)
+            rows["per_token"] = per_token if aligned else torch.cat([torch.full_like(per_token[:, :1], float("nan")), per_token], dim=1)
         if classifier is not None:
             rows["classifier"] = torch.stack([target.to(device).float(), classifier["predicted"], classifier["margin"], classifier["confidence"]], dim=1)
 

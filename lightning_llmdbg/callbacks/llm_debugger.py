@@ -89,7 +89,8 @@ class LLMDebugger(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(parts=sorted(self.parts))
+        # Constant, so that resuming with other parts switched on or off keeps the state of those in both runs.
+        return "LLMDebugger"
 
     # -- the health field --------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -110,6 +111,13 @@ class LLMDebugger(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._forward("teardown", trainer, pl_module, stage)
+        self._stop_listening()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._forward("on_exception", trainer, pl_module, exception)
+        self._stop_listening()  # Lightning calls no `teardown` after an exception
+
+    def _stop_listening(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None

@@ -224,6 +224,29 @@ def test_grad_scaler_overflow_is_info_not_an_alert(tmp_path, caplog):
     assert len(errors) == 1 and errors[0].startswith("llmdbg nonfinite: loss (step 12)")
 
 
+class FusedAdamGPT(InfLossGPT):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+def test_skip_under_a_grad_scaler_with_a_fused_optimizer_keeps_the_run_going(tmp_path):
+    """Lightning leaves unscaling of fused optimizers to `scaler.step`: a skipped step must still record its inf check."""
+    model = inf_loss_gpt(3)
+    model.__class__ = FusedAdamGPT
+    alert = AnomalyAlert(action="skip")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = _fit(tmp_path, [alert], max_steps=6, model=model, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.global_step == 6 and alert.skipped_steps_total == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_subscription_outlives_a_failed_fit(tmp_path):
+    monitor = GradientMonitor(every_n_steps=1)
+    with pytest.raises(TrainingAnomalyError):
+        _fit(tmp_path, [NaNGradient([2]), monitor, AnomalyAlert(action="raise")], max_steps=5)
+    assert monitor._signal_listeners == []
+
+
 DDP_SCRIPT = Path(__file__).parents[1] / "scripts" / "anomaly_ddp.py"
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")

@@ -302,3 +302,32 @@ def test_no_loss_source_raises_one_error_that_says_what_to_return():
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HardExampleLogger(**kwargs)
+
+
+def test_per_token_losses_line_up_with_the_tokens_they_score():
+    """Position t of a row's per-token losses is the loss of predicting token t (position 0 is never predicted)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    rows = HardExampleLogger(attribution=False)._examples({"loss": torch.tensor(0.0), "logits": logits}, {"input_ids": ids, "labels": labels})["rows"]
+    per_token = rows["per_token"]
+    assert per_token.shape == ids.shape
+    by_hand = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, 5)
+    assert torch.isnan(per_token[:, 0]).all() and torch.isnan(per_token[0, 1:3]).all()  # unscored prompt
+    torch.testing.assert_close(per_token[0, 3:], by_hand[0, 2:])
+    torch.testing.assert_close(per_token[1, 1:], by_hand[1])
+
+
+def test_steps_without_losses_are_skipped_not_fatal(tmp_path):
+    class SometimesNone(TinyGPTModule):
+        def training_step(self, batch, batch_idx):  # None: Lightning skips the step
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    model = small_gpt()
+    model.__class__ = SometimesNone
+    logger = HardExampleLogger(k=2, every_n_steps=2, attribution=False)
+    trainer = pl.Trainer(max_steps=4, logger=False, callbacks=[logger], **trainer_kwargs())
+    trainer.fit(model, small_data())
+    assert trainer.global_step == 4 and logger.samples_taken >= 1

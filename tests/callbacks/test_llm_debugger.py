@@ -89,3 +89,9 @@ def test_checkpoint_holds_every_part_and_resume_continues_them(tmp_path):
     trainer.fit(small_gpt(), small_data(), ckpt_path=str(ckpt))
     assert resumed.gradients.samples_taken == 3 and resumed.activations.samples_taken == 3
     assert resumed.alerts.alerts_total == 0
+
+    # Resuming with a part switched off keeps the others' state.
+    fewer = LLMDebugger(gradients={"every_n_steps": 2, "warmup_steps": 0}, activations=False, examples=False)
+    trainer = pl.Trainer(max_steps=6, logger=False, callbacks=[fewer], **trainer_kwargs(default_root_dir=str(tmp_path)))
+    trainer.fit(small_gpt(), small_data(), ckpt_path=str(ckpt))
+    assert fewer.gradients.samples_taken == 3
