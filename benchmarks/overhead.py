@@ -307,6 +307,23 @@ EVERY_STEP_ARMS = {  # blocks of 25 steps
     "composer_style_every_module_every_step": lambda: ComposerStyleEveryModule(),
     "histogram_copy_to_cpu_every_block_every_step": lambda: HistogramCopyToCpu(),
 }
+class ReturnAttentionOnly(pl.Callback):
+    """The reference GPT computing its attention probabilities (as on a probed step) with no hook and no statistic."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        for block in pl_module.model.transformer.h:
+            block.attn.return_attention = True
+
+    def on_before_backward(self, trainer, pl_module, *args) -> None:
+        for block in pl_module.model.transformer.h:
+            block.attn.return_attention = False
+
+
+ABLATION_ARMS = {  # blocks of 25 steps; only with --arms: where ActivationProbe's every-step cost goes
+    "activation_probe_every_step_no_attention": lambda: ActivationProbe(every_n_steps=1, attention=False),
+    "activation_probe_every_step_no_attention_no_logits": lambda: ActivationProbe(every_n_steps=1, attention=False, logits=False),
+    "reference_gpt_returning_attention_only": lambda: ReturnAttentionOnly(),
+}
 SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
     "activation_probe_default": lambda: ActivationProbe(),
     "hard_example_logger_default": lambda: HardExampleLogger(),
@@ -333,8 +350,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all); 'sampled_step_cost' for the in-place timing")
     args = parser.parse_args()
-    known = [*EVERY_STEP_ARMS, *SLOW_INTERVAL_ARMS, "sampled_step_cost"]
-    chosen = known if not args.arms else args.arms.split(",")
+    known = [*EVERY_STEP_ARMS, *ABLATION_ARMS, *SLOW_INTERVAL_ARMS, "sampled_step_cost"]
+    chosen = [k for k in known if k not in ABLATION_ARMS] if not args.arms else args.arms.split(",")
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {known}")
@@ -343,7 +360,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as log_root:
         empty = {"plain_step_ms": float("nan"), "block": 0, "arms": {}}
-        fast_arms = {k: make() for k, make in EVERY_STEP_ARMS.items() if k in chosen}
+        fast_arms = {k: make() for k, make in {**EVERY_STEP_ARMS, **ABLATION_ARMS}.items() if k in chosen}
         slow_arms = {k: make() for k, make in SLOW_INTERVAL_ARMS.items() if k in chosen}
         arms = run_arms(fast_arms, args, args.block, args.cycles, log_root) if fast_arms else empty
         slow = run_arms(slow_arms, args, 100, args.slow_cycles, log_root) if slow_arms else empty

@@ -5,7 +5,8 @@
 
 Needs Debian's ``chromium`` package (``apt-get install chromium``) and the ``tensorboard`` command. Starts
 TensorBoard on localhost over LOGDIR, waits until it serves the run, then has Chromium render each dashboard page
-(custom scalars, scalars filtered to one family, text, images) for a fixed virtual time and saves a PNG.
+(the custom-scalars page, whose first category is ``llmdbg: health``), and writes ``llmdbg report``'s PNGs of the same
+run beside it for a fixed virtual time and saves a PNG.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-PAGES = {  # file name -> TensorBoard URL fragment
-    "dashboard_custom_scalars": "#custom_scalars",
-    "dashboard_grad_norm": "#timeseries&tagFilter=llmdbg%2Fgrad_norm",
-    "dashboard_activations": "#timeseries&tagFilter=llmdbg%2Fact%2F.*%2F(rms%7Ckurtosis)",
-    "dashboard_alerts_and_examples": "#text",
-}
+# File name -> TensorBoard URL fragment. The text and images tabs (alerts, hard examples, the data map) are left out:
+# their cards load lazily and stay empty in headless Chromium (TensorBoard 2.21). The same run's `llmdbg report`
+# plots (gradient-norm heatmap, data map) are written beside the screenshot instead.
+PAGES = {"dashboard_health": "#custom_scalars"}
 
 
 def free_port() -> int:
@@ -88,6 +87,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lightning_llmdbg.report import find_runs, load_run, write_plots
+
+    for path in write_plots(load_run(find_runs(args.logdir)[0]), out):
+        written.append(path)
+        print(path)
     return written
 
 

@@ -34,6 +34,7 @@ GROWTH_FACTOR = 10.0  # a signal 10x its early level
 DEAD_FRACTION = 0.5
 KURTOSIS_GROWTH = 3.0  # value kurtosis tripling: outlier features forming (LLM.int8, Dettmers et al. 2022)
 ENTROPY_COLLAPSE = 0.25  # attention entropy under a quarter of its early level (Zhai et al. 2023, "entropy collapse")
+OUTLIER_MAX_RMS = 3.0  # outlier features (|x| >= 6) are only told apart from scale below this RMS
 LSE_SQ_HIGH = 100.0  # logsumexp² the z-loss of PaLM (Chowdhery et al. 2022) would push back on
 
 
@@ -201,9 +202,13 @@ def activation_findings(run: Run) -> list[Finding]:
                 "a large negative bias or a too-high learning rate pushed units below zero for good",
                 "check the initialisation and the activation's bias; lower the learning rate; consider GELU/SiLU",
             ))
+    rms = run.family("act", "rms")
     for module, series in run.family("act", "outliers").items():
         values = _values(series)
-        if values and values[-1] > 0:
+        scale = _values(rms.get(module, []))
+        # |x| >= 6 marks an outlier only where the typical value is well below 6 (LLM.int8's layers are normalised):
+        # a residual stream at RMS 5 has most channels past 6 at 6% of positions, which is scale, not outliers.
+        if values and values[-1] > 0 and (not scale or scale[-1] < OUTLIER_MAX_RMS):
             out.append(Finding(
                 "info", f"{module} has {values[-1]:.0f} outlier features (|x| >= 6 at >= 6% of positions)",
                 "emergent outlier dimensions (LLM.int8): normal in larger transformers, trouble for int8 quantisation",
@@ -217,11 +222,14 @@ def activation_findings(run: Run) -> list[Finding]:
                 "a few channels or positions taking over (outlier features, attention sinks)",
                 "look at llmdbg/act/.../channel_kurtosis and outliers; a lower learning rate or QK-norm can help",
             ))
-    for module, series in run.family("attn", "entropy_min").items():
-        el = _early_late(series)
+    # The mean over heads: single heads legitimately go near 0 (a previous-token head); a collapse takes most heads.
+    for module, series in run.family("attn", "entropy_mean").items():
+        # Attention starts near uniform (entropy log T) and sharpens as heads learn: the baseline is the second
+        # quarter of the run, not its first steps.
+        el = _early_late(series[len(series) // 4 :]) if len(series) >= 8 else None
         if el and el[0] > 0 and el[1] < ENTROPY_COLLAPSE * el[0]:
             out.append(Finding(
-                "warn", f"attention entropy of a head in {module} fell from {el[0]:.3g} to {el[1]:.3g}",
+                "warn", f"mean attention entropy of {module} fell from {el[0]:.3g} to {el[1]:.3g}",
                 "attention entropy collapse: attention logits growing until one key takes every query",
                 "QK-layernorm, a lower learning rate or a longer warm-up (Zhai et al. 2023)",
             ))
