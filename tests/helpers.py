@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -85,3 +91,27 @@ class RecordGradNorms(pl.Callback):
 def assert_close(actual: float, expected: float, rel: float, what: str = "") -> None:
     err = abs(actual - expected) / max(abs(expected), 1e-30)
     assert err < rel, f"{what}: {actual} vs {expected} (relative error {err:.2e} >= {rel:.0e})"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def run_script(script: Path, *args: str, timeout: float = 240) -> str:
+    """Run a multi-process training script (Lightning's launcher re-runs ``sys.argv`` for the other ranks, so it
+    cannot run inside pytest) in a new session, so that a hang kills every rank; fail the test on a hang or an error.
+    Returns its output."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the second rank is a grandchild of this process
+        output, _ = proc.communicate()
+        pytest.fail(f"{script.name} {' '.join(map(str, args))} hung for {timeout}s:\n{output[-3000:]}")
+    assert proc.returncode == 0, f"{script.name} {' '.join(map(str, args))} failed:\n{output[-5000:]}"
+    return output

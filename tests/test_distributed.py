@@ -1,35 +1,16 @@
 """DDP and FSDP2 on CPU with 2 processes log the same per-group statistics as one process on the same global batch."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_close, read_events, scalars
+from tests.helpers import assert_close, read_events, run_script, scalars
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_fit.py"
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
 def _run(mode: str, out_dir: Path, timeout: float = 240) -> Path:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(ROOT)
-    # A new session so that a hang kills both ranks (the second rank is a grandchild of this process).
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, str(out_dir)],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{mode} run hung for {timeout}s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"{mode} run failed:\n{output[-5000:]}"
+    run_script(SCRIPT, mode, out_dir, timeout=timeout)
     return out_dir / mode / "version_0"
 
 

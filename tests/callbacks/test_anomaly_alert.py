@@ -2,9 +2,6 @@ import json
 import logging
 import math
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from lightning_llmdbg import (
 )
 from lightning_llmdbg.testing import TinyGPTModule
 from lightning_llmdbg.testing.wandb_records import read_finished_run
-from tests.helpers import read_events, scalars, small_data, small_gpt, trainer_kwargs
+from tests.helpers import read_events, run_script, scalars, small_data, small_gpt, trainer_kwargs
 
 NAN_PARAM = "model.transformer.h.1.mlp.c_fc.weight"
 
@@ -248,26 +245,11 @@ def test_no_subscription_outlives_a_failed_fit(tmp_path):
 
 
 DDP_SCRIPT = Path(__file__).parents[1] / "scripts" / "anomaly_ddp.py"
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
 @pytest.mark.parametrize("action", ["skip", "stop"])
 def test_ddp_fault_on_one_rank_is_acted_on_by_both(action, tmp_path, timeout=180):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(ROOT)
-    # A new session so that a hang kills both ranks (the second rank is a grandchild of this process).
-    proc = subprocess.Popen(
-        [sys.executable, str(DDP_SCRIPT), action, str(tmp_path)],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"DDP {action} run hung for {timeout}s:\n{output[-3000:]}")
-    assert proc.returncode == 0, f"DDP {action} run failed:\n{output[-5000:]}"
+    run_script(DDP_SCRIPT, action, tmp_path, timeout=timeout)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["alerts"] == ranks[1]["alerts"] == 1
     assert all(r["finite"] for r in ranks)  # the NaN never reached a weight

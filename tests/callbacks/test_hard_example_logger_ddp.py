@@ -1,37 +1,19 @@
 """Under DDP (2 CPU processes, gloo) the logged top-k is the global one and the dynamics are combined by id."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.callbacks.test_hard_example_logger import TAG, expected_tables, markdown_rows
-from tests.helpers import read_events
+from tests.helpers import read_events, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "scripts" / "hard_examples_ddp.py"
-LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
 def test_ddp_logs_the_global_top_k_and_combines_dynamics_by_id(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(ROOT)
-    # A new session so that a hang kills both ranks (the second rank is a grandchild of this process).
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"DDP run hung:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    run_script(SCRIPT, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [tuple(s) for rank in ranks for s in rank["seen"]]
     # The distributed sampler reshuffles each epoch: some ids are seen on one rank, then on the other.
