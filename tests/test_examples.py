@@ -62,3 +62,12 @@ def test_hf_gpt2_example_resolves_its_blocks_from_transformer_h(tmp_path, capsys
     assert {"llmdbg/grad_norm/block_0", "llmdbg/grad_norm/block_1", "llmdbg/grad_norm/embeddings"} <= tags
     assert "llmdbg/grad_norm/block_2" not in tags
     assert {"llmdbg/act/transformer.h.1/rms", "llmdbg/attn/transformer.h.1/entropy_min"} <= tags
+
+
+def test_classifier_label_noise_example_finds_flipped_labels(tmp_path, capsys):
+    result = _load("classifier_label_noise").main(["--n", "300", "--max-epochs", "12", "--log-dir", str(tmp_path)])
+    # Far above the 20% a random ranking would get, even on this short run.
+    assert result["precision_at_k"] >= 0.6 and result["auroc"] >= 0.85, result
+    assert (result["log_dir"] / "llmdbg_dynamics.csv").exists()
+    assert "llmdbg/dynamics/data_map" in read_events(str(result["log_dir"])).Tags()["images"]
+    assert "Most suspicious ids" in capsys.readouterr().out
