@@ -50,10 +50,12 @@ def test_lightning_cli_yaml_configures_every_callback(tmp_path):
     # The YAML's values, not the defaults (25 / 10 / False / 100).
     assert (monitor.schedule.every_n_steps, monitor.schedule.warmup_steps, monitor.update_ratio) == (10, 5, True)
     assert probe.schedule.every_n_steps == 50
+    assert by_type["HardExampleLogger"].k == 4 and by_type["AnomalyAlert"].action == "skip"
     events = read_events(cli.trainer.logger.log_dir)
     assert [e.step for e in events.Scalars("llmdbg/grad_norm/block_1")] == [0, 1, 2, 3, 4, 10]
     assert [e.step for e in events.Scalars("llmdbg/act/block_1/rms")] == [0]
     assert "llmdbg/update_ratio/head" in events.Tags()["scalars"]
+    assert [e.step for e in events.Tensors("llmdbg/hard_examples/text_summary")][0] == 0
 
 
 def test_hf_gpt2_example_resolves_its_blocks_from_transformer_h(tmp_path, capsys):
