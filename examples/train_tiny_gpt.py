@@ -2,7 +2,7 @@
 attached (``LLMDebugger``) and one scheduled, announced fault so that the first run shows every dashboard and an
 alert: the learning rate is multiplied by 100 for one step (step 250 by default).
 
-    python examples/train_tiny_gpt.py               # 400 steps, about 2 minutes on 2 CPU cores
+    python examples/train_tiny_gpt.py               # 400 steps, about 80 seconds on 2 CPU cores
     python examples/train_tiny_gpt.py --no-fault    # the same run without the fault
     python examples/train_tiny_gpt.py --wandb       # also log to Weights & Biases (offline unless WANDB_MODE says otherwise)
 
