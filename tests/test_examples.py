@@ -73,3 +73,25 @@ def test_classifier_label_noise_example_finds_flipped_labels(tmp_path, capsys):
     assert (result["log_dir"] / "llmdbg_dynamics.csv").exists()
     assert "llmdbg/dynamics/data_map" in read_events(str(result["log_dir"])).Tags()["images"]
     assert "Most suspicious ids" in capsys.readouterr().out
+
+
+def test_lightning_cli_yaml_configures_llm_debugger_parts(tmp_path):
+    config = tmp_path / "llm.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_llmdbg.LLMDebugger\n"
+        "      init_args:\n"
+        "        gradients: {every_n_steps: 1}\n"
+        "        examples: false\n"
+        "        alerts: {action: skip}\n"
+    )
+    cli = _load("cli").main([
+        "fit", "--config", str(EXAMPLES / "llmdbg_cli.yaml"), "--config", str(config), "--trainer.max_steps", "3",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.enable_checkpointing", "false",
+    ])
+    (debugger,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LLMDebugger"]
+    assert list(debugger.parts) == ["gradients", "activations", "alerts"]
+    assert debugger.gradients.schedule.every_n_steps == 1 and debugger.alerts.action == "skip"
+    assert [e.step for e in read_events(cli.trainer.logger.log_dir).Scalars("llmdbg/grad_norm/total")] == [0, 1, 2]
