@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREFIX = "llmdbg"
+from lightning_llmdbg.signals import PREFIX
+
 EVENT_GLOB = "events.out.tfevents.*"
 SEVERITIES = ("error", "warn", "info")
 

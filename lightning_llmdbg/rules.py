@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_llmdbg.sampling import require_int
+
 LOSS_KEY = "loss"
 MAD_TO_SIGMA = 1.4826  # 1.4826 * MAD estimates the standard deviation of Gaussian data
 
@@ -74,8 +76,7 @@ class History:
     """
 
     def __init__(self, window: int = 128) -> None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"`window` must be an integer >= 2, got {window!r}.")
+        require_int("window", window, minimum=2)
         self.window = window
         self._values: dict[str, deque[float]] = {}
 
@@ -134,11 +135,6 @@ def _require_positive(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
 
 
-def _require_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
 def _require_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
     if isinstance(patterns, str) or not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"`patterns` must be a non-empty list of globs over signal keys, got {patterns!r}.")
@@ -160,7 +156,7 @@ class NonFinite(Rule):
     level = "ERROR"
 
     def __init__(self, scaler_patience: int = 16) -> None:
-        _require_count("scaler_patience", scaler_patience)
+        require_int("scaler_patience", scaler_patience, minimum=1)
         self.scaler_patience = scaler_patience
 
     def verdict(
@@ -212,7 +208,7 @@ class Spike(Rule):
         patterns: Sequence[str] = (LOSS_KEY, "llmdbg/grad_norm/*"),
     ) -> None:
         _require_positive("k", k)
-        _require_count("warmup", warmup)
+        require_int("warmup", warmup, minimum=1)
         if isinstance(min_rel, bool) or not isinstance(min_rel, (int, float)) or min_rel < 0:
             raise ValueError(f"`min_rel` must be a number >= 0, got {min_rel!r}.")
         self.k, self.warmup, self.min_rel = float(k), warmup, float(min_rel)
@@ -279,7 +275,7 @@ class VanishingGradient(Rule):
     def __init__(self, floor: float = 1e-7, drop: float = 1e-3, warmup: int = 16) -> None:
         _require_positive("floor", floor)
         _require_positive("drop", drop)
-        _require_count("warmup", warmup)
+        require_int("warmup", warmup, minimum=1)
         self.floor, self.drop, self.warmup = float(floor), float(drop), warmup
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:
@@ -340,8 +336,7 @@ class UpdateRatio(Rule):
         _require_positive("high", high)
         if low >= high:
             raise ValueError(f"`low` must be below `high`, got low={low!r}, high={high!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        require_int("warmup_steps", warmup_steps, minimum=0)
         self.low, self.high, self.warmup_steps = float(low), float(high), warmup_steps
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:
@@ -406,7 +401,7 @@ class AttentionEntropyDrop(Rule):
     def __init__(self, ratio: float = 0.5, warmup: int = 8) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ValueError(f"`ratio` must be between 0 and 1, got {ratio!r}.")
-        _require_count("warmup", warmup)
+        require_int("warmup", warmup, minimum=1)
         self.ratio, self.warmup = float(ratio), warmup
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:
@@ -435,8 +430,8 @@ class OutlierGrowth(Rule):
 
     def __init__(self, factor: float = 2.0, min_increase: int = 4, warmup: int = 8) -> None:
         _require_positive("factor", factor)
-        _require_count("min_increase", min_increase)
-        _require_count("warmup", warmup)
+        require_int("min_increase", min_increase, minimum=1)
+        require_int("warmup", warmup, minimum=1)
         self.factor, self.min_increase, self.warmup = float(factor), min_increase, warmup
 
     def check(self, key: str, value: float, history: Sequence[float], step: int) -> Anomaly | None:

@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+# Every key the package logs or publishes is `llmdbg/<family>/<name>[/<stat>]`.
+PREFIX = "llmdbg"
+
 
 @dataclass
 class Signals:

@@ -14,10 +14,9 @@ from torch import Tensor, nn
 from lightning_llmdbg import distributed, stats
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule
 from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
-from lightning_llmdbg.signals import SignalSource, Signals
+from lightning_llmdbg.signals import PREFIX, SignalSource, Signals
 from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
-PREFIX = "llmdbg"
 ACT_STATS = ("mean", "std", "rms", "absmax", "zero_frac", "dead_frac", "outliers", "channel_kurtosis", "kurtosis")
 
 

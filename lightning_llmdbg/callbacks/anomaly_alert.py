@@ -20,13 +20,13 @@ from torch import Tensor
 from lightning_llmdbg import distributed
 from lightning_llmdbg import rules as rules_
 from lightning_llmdbg.rules import LOSS_KEY, Anomaly, History, NonFinite, Rule
+from lightning_llmdbg.sampling import require_int
 from lightning_llmdbg.selection import resolve_groups
-from lightning_llmdbg.signals import Signals, signal_sources
+from lightning_llmdbg.signals import PREFIX, Signals, signal_sources
 from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
 log = logging.getLogger("lightning_llmdbg")
 
-PREFIX = "llmdbg"
 ACTIONS = ("warn", "skip", "stop", "raise")
 
 
@@ -183,8 +183,7 @@ class AnomalyAlert(Callback):
             raise ValueError(f"`wait_duration` must be a number of seconds >= 0, got {wait_duration!r}.")
         if on_anomaly is not None and not callable(on_anomaly):
             raise ValueError(f"`on_anomaly` must be callable, got {on_anomaly!r}.")
-        if isinstance(max_bundles, bool) or not isinstance(max_bundles, int) or max_bundles < 0:
-            raise ValueError(f"`max_bundles` must be an integer >= 0, got {max_bundles!r}.")
+        require_int("max_bundles", max_bundles, minimum=0)
         self.rules = list(rules)
         self.action = action
         self.history = History(window)

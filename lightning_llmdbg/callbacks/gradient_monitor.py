@@ -15,10 +15,9 @@ from torch import Tensor
 from lightning_llmdbg import distributed, stats
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
 from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
-from lightning_llmdbg.signals import SignalSource, Signals
+from lightning_llmdbg.signals import PREFIX, SignalSource, Signals
 from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
-PREFIX = "llmdbg"
 
 
 @dataclass

@@ -38,9 +38,9 @@ from lightning_llmdbg.examples_text import (
 )
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
 from lightning_llmdbg.selection import no_match_error
+from lightning_llmdbg.signals import PREFIX
 from lightning_llmdbg.writers import Writers
 
-PREFIX = "llmdbg"
 TAG = f"{PREFIX}/hard_examples"
 DATA_MAP_TAG = f"{PREFIX}/dynamics/data_map"
 SUSPICIOUS_TAG = f"{PREFIX}/dynamics/suspicious"
@@ -235,7 +235,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
             self._collect(examples)
         if self._table is not None:
             local = examples["dynamics"] if examples is not None else torch.empty(0, 5, dtype=torch.float64, device=trainer.strategy.root_device)
-            rows = distributed.all_gather_rows(local) if distributed.is_distributed() else local  # on every rank
+            rows = distributed.all_gather_rows(local)  # on every rank (the rows themselves without a process group)
             self._table.add(rows)
         step = self._batch_step
         # Log once the optimizer step is taken (after its last micro-batch), so that attribution sees the new weights.

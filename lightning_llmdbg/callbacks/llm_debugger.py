@@ -11,9 +11,7 @@ from lightning_llmdbg.callbacks.activation_probe import ActivationProbe
 from lightning_llmdbg.callbacks.anomaly_alert import AnomalyAlert
 from lightning_llmdbg.callbacks.gradient_monitor import GradientMonitor
 from lightning_llmdbg.callbacks.hard_example_logger import HardExampleLogger
-from lightning_llmdbg.signals import Signals
-
-PREFIX = "llmdbg"
+from lightning_llmdbg.signals import PREFIX, Signals
 
 # Defaults fit for LLM training: every block's gradients every 25 steps (every step for the first 10, where
 # initialisation and warm-up problems show) with update ratios; activations and hard examples every 100 steps.
