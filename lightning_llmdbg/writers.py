@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-
 import sys
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytorch_lightning.utilities import rank_zero_warn
-
+from lightning_llmdbg._lightning import rank_zero_warn
 from lightning_llmdbg.stats import Histogram
 
 log = logging.getLogger("lightning_llmdbg")

@@ -88,6 +88,19 @@ class RecordGradNorms(pl.Callback):
         self.by_step[trainer.global_step] = independent_group_norms(pl_module)
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def count_hooks(module: torch.nn.Module) -> int:
+    """Forward, forward-pre, backward and backward-pre hooks over every submodule, plus the global module hooks."""
+    from torch.nn.modules import module as module_globals
+
+    own = sum(len(getattr(m, d)) for m in module.modules() for d in HOOK_DICTS)
+    global_hooks = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+                    module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
+    return own + sum(map(len, global_hooks))
+
+
 def assert_close(actual: float, expected: float, rel: float, what: str = "") -> None:
     err = abs(actual - expected) / max(abs(expected), 1e-30)
     assert err < rel, f"{what}: {actual} vs {expected} (relative error {err:.2e} >= {rel:.0e})"

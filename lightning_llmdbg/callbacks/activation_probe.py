@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_llmdbg import distributed, stats
+from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule
 from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
 from lightning_llmdbg.signals import PREFIX, SignalSource, Signals

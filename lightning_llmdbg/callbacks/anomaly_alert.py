@@ -13,12 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_llmdbg import distributed
 from lightning_llmdbg import rules as rules_
+from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_llmdbg.rules import LOSS_KEY, Anomaly, History, NonFinite, Rule
 from lightning_llmdbg.sampling import require_int
 from lightning_llmdbg.selection import resolve_groups

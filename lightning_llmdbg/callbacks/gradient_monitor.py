@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_llmdbg import distributed, stats
+from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank_zero_info, rank_zero_warn
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
 from lightning_llmdbg.selection import GroupSpec, resolve_groups, validate_group_spec
 from lightning_llmdbg.signals import PREFIX, SignalSource, Signals
 from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
-
 
 
 @dataclass

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_llmdbg import distributed
+from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_llmdbg.dynamics import DynamicsTable
 from lightning_llmdbg.examples_stats import (
     IGNORE_INDEX,

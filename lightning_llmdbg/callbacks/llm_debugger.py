@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Union
 
-from pytorch_lightning import Callback, LightningModule, Trainer
-
+from lightning_llmdbg._lightning import Callback, LightningModule, Trainer
 from lightning_llmdbg.callbacks.activation_probe import ActivationProbe
 from lightning_llmdbg.callbacks.anomaly_alert import AnomalyAlert
 from lightning_llmdbg.callbacks.gradient_monitor import GradientMonitor
@@ -159,6 +158,6 @@ def _forwarding(hook: str):
 
 
 # Every other Callback hook runs each part's hook in order.
-for _hook in [n for n in vars(Callback) if (n.startswith("on_") or n == "setup") and callable(getattr(Callback, n))]:
+for _hook in [n for n in dir(Callback) if (n.startswith("on_") or n == "setup") and callable(getattr(Callback, n))]:
     if _hook not in vars(LLMDebugger):
         setattr(LLMDebugger, _hook, _forwarding(_hook))

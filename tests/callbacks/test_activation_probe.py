@@ -7,7 +7,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_llmdbg import ActivationProbe
-from tests.helpers import assert_close, read_events, scalars, small_data, small_gpt, trainer_kwargs
+from tests.helpers import assert_close, count_hooks, read_events, scalars, small_data, small_gpt, trainer_kwargs
 
 B, T, C = 4, 10, 20
 
@@ -107,10 +107,6 @@ def test_statistics_equal_an_independent_computation(tmp_path, accumulate):
     assert scalars(events, "llmdbg/act/block_0/dead_frac")[0] == 0.0
 
 
-def _count_hooks(module: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
-
-
 def _gpt_fit(tmp_path, probe, model=None, max_steps=2, name="tb"):
     model = model or small_gpt()
     logger = TensorBoardLogger(str(tmp_path), name=name)
@@ -187,20 +183,20 @@ def test_hooks_exist_only_on_sampled_steps_and_none_remain(tmp_path):
 
     class Count(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, *args):  # runs after the probe's (callback order)
-            counts[("start", trainer.global_step)] = _count_hooks(pl_module)
+            counts[("start", trainer.global_step)] = count_hooks(pl_module)
 
         def on_before_backward(self, trainer, pl_module, loss):
-            counts[("backward", trainer.global_step)] = _count_hooks(pl_module)
+            counts[("backward", trainer.global_step)] = count_hooks(pl_module)
 
     model = small_gpt()
     _gpt_fit(tmp_path, ActivationProbe(every_n_steps=2), model, max_steps=4)
-    assert _count_hooks(model) == 0
+    assert count_hooks(model) == 0
     model = small_gpt()
     trainer = pl.Trainer(max_steps=4, logger=False, callbacks=[ActivationProbe(every_n_steps=2), Count()], **trainer_kwargs())
     trainer.fit(model, small_data())
     assert [counts[("start", s)] for s in range(4)] == [3 + 3 + 1, 0, 7, 0]  # 3 blocks, 3 attention modules, the head
     assert all(counts[("backward", s)] == 0 for s in range(4))  # removed once the forward pass is over
-    assert _count_hooks(model) == 0
+    assert count_hooks(model) == 0
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
@@ -219,7 +215,7 @@ def test_no_hook_remains_after_an_exception_mid_step(tmp_path, error):
     # Lightning shuts down gracefully on an interrupt, then exits.
     with pytest.raises(SystemExit if error is KeyboardInterrupt else RuntimeError):
         trainer.fit(model, small_data())
-    assert _count_hooks(model) == 0
+    assert count_hooks(model) == 0
     assert not any(block.attn.return_attention for block in model.model.transformer.h)
     assert probe._acc.sums == {}
 

@@ -7,7 +7,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger, LLMDebugger
 from lightning_llmdbg.callbacks.llm_debugger import DEFAULTS
-from tests.helpers import read_events, scalars, small_data, small_gpt, trainer_kwargs
+from tests.helpers import count_hooks, read_events, scalars, small_data, small_gpt, trainer_kwargs
 
 
 class NaNGradientAt(pl.Callback):
@@ -19,13 +19,9 @@ class NaNGradientAt(pl.Callback):
             pl_module.model.transformer.h[1].mlp.c_fc.weight.grad.view(-1)[:3] = float("nan")
 
 
-def _hooks(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
-
-
 def test_one_line_runs_every_part_and_its_alerts_see_the_same_step(tmp_path):
     model = small_gpt()
-    hooks_before = _hooks(model)
+    hooks_before = count_hooks(model)
     seen = []
     debugger = LLMDebugger(
         gradients={"every_n_steps": 2, "warmup_steps": 0},
@@ -48,7 +44,7 @@ def test_one_line_runs_every_part_and_its_alerts_see_the_same_step(tmp_path):
     assert debugger.alerts.skipped_steps_total == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "gnorm" in trainer.progress_bar_metrics and trainer.progress_bar_metrics["llmdbg/alerts"] >= 1
-    assert _hooks(model) == hooks_before
+    assert count_hooks(model) == hooks_before
 
 
 def test_parts_are_configured_kept_or_switched_off():

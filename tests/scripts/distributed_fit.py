@@ -1,22 +1,30 @@
-"""Fit the small reference GPT with GradientMonitor on 1 process, DDP or FSDP2 (2 CPU processes, gloo).
+"""Fit the small reference GPT with the debugger on 1 process, DDP or FSDP2 (2 CPU processes, gloo).
 
 Run as a script (Lightning's launcher re-runs ``sys.argv`` for the second rank, so it cannot run inside pytest):
 
-    python tests/scripts/distributed_fit.py {single,ddp,fsdp} OUT_DIR
+    python tests/scripts/distributed_fit.py {single,ddp,fsdp} OUT_DIR [--precision P] [--accumulate N] [--every-callback]
+
+Without ``--every-callback`` it runs GradientMonitor and ActivationProbe with histograms; with it, all four
+callbacks at every step. Either way it writes ``OUT_DIR/<mode>/reference_norms.json``: the total gradient norm at
+each optimizer step, computed here independently of the package (float64, full tensors under FSDP2).
 """
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+from pytorch_lightning.plugins import MixedPrecision  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from lightning_llmdbg import ActivationProbe, GradientMonitor  # noqa: E402
+from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger  # noqa: E402
 from lightning_llmdbg.testing import PydocDataModule, TinyGPTModule  # noqa: E402
 from tests.helpers import small_data, small_gpt, trainer_kwargs  # noqa: E402
 
@@ -42,9 +50,49 @@ class ShardedGPT(TinyGPTModule):
         fully_shard(self.model, mesh=mesh)
 
 
-def main(mode: str, out_dir: str) -> None:
-    devices = 1 if mode == "single" else 2
-    if mode == "fsdp":
+class RecordTotalNorm(pl.Callback):
+    """The total gradient norm where GradientMonitor measures it, from full float64 gradients."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.by_step: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]  # a collective on every rank
+        self.by_step[trainer.global_step] = torch.cat([g.detach().double().flatten() for g in full]).norm().item()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps(self.by_step))
+
+
+def precision_settings(precision: str) -> dict:
+    # Lightning turns `precision="16-mixed"` on the CPU into bf16; the plugin keeps fp16 autocast and a GradScaler.
+    if precision == "16-mixed":
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+def debugger_callbacks(every_callback: bool) -> list[pl.Callback]:
+    monitor = GradientMonitor(every_n_steps=1, update_ratio=True, histograms=True, histogram_bins=8)
+    probe = ActivationProbe(every_n_steps=1, gradients=True, histograms=True)
+    if not every_callback:
+        return [monitor, probe]
+    return [monitor, probe, HardExampleLogger(k=2, every_n_steps=1), AnomalyAlert()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["single", "ddp", "fsdp"])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--every-callback", action="store_true")
+    args = parser.parse_args()
+
+    devices = 1 if args.mode == "single" else 2
+    if args.mode == "fsdp":
         config = small_gpt().config
         # The same seed as `small_gpt`, on every rank: fully_shard shards each rank's own initial weights.
         pl.seed_everything(0, verbose=False)
@@ -52,20 +100,24 @@ def main(mode: str, out_dir: str) -> None:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         model = small_gpt()
-        strategy = "ddp" if mode == "ddp" else "auto"
-    monitor = GradientMonitor(every_n_steps=1, update_ratio=True, histograms=True, histogram_bins=8)
-    probe = ActivationProbe(every_n_steps=1, gradients=True, histograms=True)
+        strategy = "ddp" if args.mode == "ddp" else "auto"
+    callbacks = debugger_callbacks(args.every_callback)
+    log_dir = args.out_dir / args.mode
     trainer = pl.Trainer(
         max_steps=STEPS,
-        logger=TensorBoardLogger(out_dir, name=mode, version=0),
-        callbacks=[monitor, probe],
+        logger=TensorBoardLogger(args.out_dir, name=args.mode, version=0),
+        callbacks=[*callbacks, RecordTotalNorm(log_dir / "reference_norms.json")],
         use_distributed_sampler=False,
+        accumulate_grad_batches=args.accumulate,
+        **precision_settings(args.precision),
         **trainer_kwargs(devices=devices, strategy=strategy),
     )
     data = small_data(batch_size=GLOBAL_BATCH // devices)
     trainer.fit(model, InterleavedData(data.block_size, data.batch_size, data.train_samples))
-    assert monitor.samples_taken == probe.samples_taken == STEPS, (monitor.samples_taken, probe.samples_taken)
+    taken = [getattr(c, "samples_taken", STEPS) for c in callbacks]
+    assert taken == [STEPS] * len(callbacks), taken
+    assert trainer.global_step == STEPS
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main()
