@@ -266,8 +266,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _activation_hook(self, key: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = hidden_state(output)
-            if hidden is None or hidden.dim() == 0 or not hidden.is_floating_point():
-                return
+            if hidden is None or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
+                return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
             self._acc.add(f"act/{key}", *stats.activation_partials(hidden))
             if self.histograms:
                 self._acc.add(f"hist/{key}", stats.fixed_histogram_partials(hidden))
@@ -286,14 +286,14 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _attention_hook(self, key: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             probs = attention_probabilities(output)
-            if probs is not None:
+            if probs is not None and probs.numel() > 0:
                 self._acc.add(f"attn/{key}", stats.attention_partials(probs), attention_logit_max(output))
 
         return hook
 
     def _logits_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = hidden_state(output)
-        if logits is not None and logits.is_floating_point():
+        if logits is not None and logits.numel() > 0 and logits.is_floating_point():
             self._acc.add("logits", *stats.logit_partials(logits))
 
     # -- reduction and output ----------------------------------------------------------------------------------
@@ -334,13 +334,15 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 values[f"{PREFIX}/logits/max"] = float(maxes[key][0])
             elif kind == "hist":
                 histograms[name] = stats.fixed_histogram(partial)
+        self._count_sample(step)
+        if not sums:  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
+            return
         if self._attention and not any(k.startswith("attn/") for k in sums) and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(
                 "ActivationProbe: the attention modules did not return attention probabilities, so no attention "
                 "entropy is logged. For Hugging Face models load them with attn_implementation='eager'."
             )
-        self._count_sample(step)
         self._publish(Signals(source=self.signal_source_name, step=step, values=values))
         if self._writers is not None:
             self._writers.scalars(values, step)

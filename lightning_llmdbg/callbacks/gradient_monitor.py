@@ -26,6 +26,7 @@ class _Plan:
     params: list[Tensor]
     group_names: list[str]
     group_index: Tensor  # [P] group of each parameter
+    group_positions: list[int]  # the same on the host
     shard_keys: list[tuple]  # distinct non-empty shard keys, same order on every rank
     shard_positions: list[list[int]]  # parameter positions per shard key
     total_key: str
@@ -115,6 +116,10 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         self._writers: Writers | None = None
         # Per optimizer: (plan, step, parameters before the step, their sums of squares), until the step is taken.
         self._pending_updates: dict[int, tuple[_Plan, int, list[Tensor], Tensor]] = {}
+        # The step a batch starts on, and the optimizers measured in it: with manual optimization every
+        # `optimizer.step()` advances `global_step`, so the schedule is read once per batch, not per optimizer.
+        self._batch_step: int | None = None
+        self._measured: set[int] = set()
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -157,22 +162,32 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         if self._writers is not None:
             self._write_layout()
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != self._batch_step:  # the first micro-batch of a step
+            self._batch_step, self._measured = trainer.global_step, set()
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        step = trainer.global_step
+        step = trainer.global_step if self._batch_step is None else self._batch_step
         plan = self._plans.get(id(optimizer))
-        if plan is None or not self.schedule.is_sampled(step):
+        if plan is None or not self.schedule.is_sampled(step) or id(optimizer) in self._measured:
             return
+        if all(p.grad is None for p in plan.params):
+            return  # no backward ran (training_step returned None): nothing to measure, and no zero to report
+        self._measured.add(id(optimizer))
         values, details, param_sumsq = self._measure(plan)
         if self.update_ratio:
             self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq)
-        self._count_sample(step)
+        if step != self.last_sampled_step:
+            self._count_sample(step)
         self._emit(step, values, details)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         pending, self._pending_updates = self._pending_updates, {}
         for plan, step, before, param_sumsq in pending.values():
             ratios = self._update_ratios(plan, before, param_sumsq)
-            self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in zip(plan.group_names, ratios)}, {})
+            without = _groups_without_gradients(plan)
+            ratios = {g: r for g, r in zip(plan.group_names, ratios) if g not in without}
+            self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in ratios.items()}, {})
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._writers is not None:
@@ -181,6 +196,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plans = {}
         self._pending_updates = {}
+        self._batch_step, self._measured = None, set()
 
     # -- measurement -------------------------------------------------------------------------------------------
     def _make_plan(self, names: list[str], params: list[Tensor], group_of: dict[str, str], total: str) -> _Plan:
@@ -197,6 +213,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
             params=params,
             group_names=group_names,
             group_index=torch.tensor([position[group_of[n]] for n in names], device=device),
+            group_positions=[position[group_of[n]] for n in names],
             shard_keys=list(keys),
             shard_positions=list(keys.values()),
             total_key=total,
@@ -262,6 +279,11 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
                 shown = ", ".join(f"{n} ({c})" for n, c in offenders[:5])
                 rank_zero_warn(f"GradientMonitor: non-finite gradient values in {len(offenders)} parameters: {shown}.")
         values.update({f"{PREFIX}/grad_nonfinite/{g}": float(v) for g, v in zip(plan.group_names, nonfinite_groups)})
+        # A group none of whose parameters got a gradient this step (unused in the forward pass) has no norm: a 0
+        # would read as a vanishing gradient.
+        for g in _groups_without_gradients(plan):
+            for family in ("grad_norm", "grad_absmax", "grad_nonfinite"):
+                values.pop(f"{PREFIX}/{family}/{g}", None)
         if self.histograms:
             details["histograms"] = self._histograms(plan, grads, nonfinite_groups.tolist())
         return values, details, param_sumsq
@@ -334,3 +356,8 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         if self.update_ratio:
             health["update / weight ratio by group"] = [rf"{PREFIX}/update_ratio/.*"]
         self._writers.custom_scalars(HEALTH_CATEGORY, health)
+
+
+def _groups_without_gradients(plan: _Plan) -> set[str]:
+    with_grad = {plan.group_positions[i] for i, p in enumerate(plan.params) if p.grad is not None}
+    return {g for i, g in enumerate(plan.group_names) if i not in with_grad}

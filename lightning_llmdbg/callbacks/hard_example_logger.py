@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,10 @@ NEEDS_LOSSES = (
     "`loss_fn=lambda batch, outputs: ...` returning a [batch] tensor; or, for a causal LM, put 'input_ids' and "
     "'labels' in the batch and return the logits: `return {'loss': loss, 'logits': logits}`."
 )
+
+
+class _NoLosses(RuntimeError):
+    """training_step's output and the batch give no per-example losses."""
 
 
 class HardExampleLogger(SampledStepCounters, Callback):
@@ -203,6 +208,10 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._embedding_module: nn.Module | None = None
         self._inspect = True
         self._warned: set[str] = set()
+        self._off = False  # switched off for the run: no per-example losses to rank
+        self._losses_checked = False
+        self._collected_any = False
+        self._nonfinite_losses: Tensor | None = None  # on the device: NaN per-example losses left out of the ranking
         self._writers: Writers | None = None
         self._clear_windows()
 
@@ -212,6 +221,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
             self._writers = Writers.for_trainer(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._off, self._losses_checked = False, False
         if self._table is not None:
             self._table.to(trainer.strategy.root_device)
         self._inspect = True
@@ -227,9 +237,25 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._batch_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._off:
+            return
         # None or {}: training_step returned None (a skipped step) or the batch was skipped; nothing to rank.
         skipped = outputs is None or (isinstance(outputs, Mapping) and not outputs)
-        examples = None if skipped else self._examples(outputs, batch)
+        examples, missing = None, None
+        try:
+            examples = None if skipped else self._examples(outputs, batch)
+        except _NoLosses as err:
+            missing = str(err)
+        if not self._losses_checked:  # the first batch, on every rank: agree whether there are losses to rank
+            self._losses_checked = True
+            if distributed.agree_any(missing is not None, trainer.strategy.root_device):
+                self._switch_off(missing or NEEDS_LOSSES)
+                return
+        elif missing is not None:
+            if distributed.is_distributed():  # agreeing later would cost a collective on every batch
+                raise RuntimeError(missing)
+            self._switch_off(missing)
+            return
         if examples is not None:
             self._collect(examples)
         if self._table is not None:
@@ -242,6 +268,8 @@ class HardExampleLogger(SampledStepCounters, Callback):
             self._log(trainer, pl_module, step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._off:
+            return
         step = max(trainer.global_step - 1, 0)
         if distributed.agree_any(self._window_batches > 0, trainer.strategy.root_device) and step != self.last_sampled_step:
             self._log(trainer, pl_module, step)
@@ -277,10 +305,10 @@ class HardExampleLogger(SampledStepCounters, Callback):
         elif classifier is not None:
             loss = classifier["loss"]
         else:
-            raise RuntimeError(NEEDS_LOSSES)
+            raise _NoLosses(NEEDS_LOSSES)
         if not isinstance(loss, Tensor) or loss.dim() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise RuntimeError(f"HardExampleLogger: per-example losses must be a [batch] tensor, got {shape}. {NEEDS_LOSSES}")
+            raise _NoLosses(f"HardExampleLogger: per-example losses must be a [batch] tensor, got {shape}. {NEEDS_LOSSES}")
         loss = loss.detach().float()
         batch_size, device = loss.shape[0], loss.device
 
@@ -332,9 +360,17 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._windows = {b: (torch.empty(0), {}) for b in self._buffers}
         self._window_batches = 0
 
+    def _switch_off(self, reason: str) -> None:
+        self._off = True
+        self._clear_windows()
+        rank_zero_warn(f"{reason} HardExampleLogger is off for the rest of this run; training goes on.")
+
     def _collect(self, examples: dict[str, Any]) -> None:
         rows = examples["rows"]
         loss = rows["loss"]
+        self._collected_any = True
+        nonfinite = loss.isnan().sum()  # +inf still ranks first; NaN (e.g. no target token) cannot be ranked
+        self._nonfinite_losses = nonfinite if self._nonfinite_losses is None else self._nonfinite_losses + nonfinite
         for buffer in self._buffers:
             keys, kept = self._windows[buffer]
             if keys.numel() and (keys.device != loss.device or set(kept) != set(rows)):
@@ -349,6 +385,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
 
     # -- a logged step -------------------------------------------------------------------------------------------
     def _log(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        self._warn_about_inputs(step)
         device = trainer.strategy.root_device
         rank = trainer.global_rank
         # Every rank's candidate keys and ids, padded to k: one collective for all buffers.
@@ -389,6 +426,22 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._clear_windows()
         self._count_sample(step)
         self._write_table(step, window)
+
+    def _warn_about_inputs(self, step: int) -> None:
+        if not self._collected_any and "no_rows" not in self._warned:
+            self._warned.add("no_rows")
+            rank_zero_warn(
+                f"HardExampleLogger: no per-example losses reached it by step {step}: training_step returned None "
+                f"(manual optimization?) or every batch was skipped. {NEEDS_LOSSES}"
+            )
+        if self._nonfinite_losses is not None and "nan" not in self._warned:
+            count = int(self._nonfinite_losses)  # a logged step: the host synchronises here anyway
+            if count:
+                self._warned.add("nan")
+                warnings.warn(
+                    f"HardExampleLogger: {count} per-example losses were NaN by step {step} (an example with no target "
+                    f"token, or a NaN in the model); they are left out of the rankings. AnomalyAlert checks the loss."
+                )
 
     def _render(self, pl_module: LightningModule, buffer: str, local: list[int], attribute: bool) -> tuple[list[int], list[dict]]:
         """This rank's selected rows of a buffer, as host dicts (text decoded and redacted here, on this rank)."""

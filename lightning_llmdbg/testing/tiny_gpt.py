@@ -50,7 +50,8 @@ class CausalSelfAttention(nn.Module):
             causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
             scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.shape[-1])).add_(causal)
             probs = scores.softmax(dim=-1)
-        return out, probs, scores.amax()
+        logit_max = scores.amax() if scores.numel() else scores.new_full((), float("-inf"))  # an empty batch
+        return out, probs, logit_max
 
 
 class MLP(nn.Module):

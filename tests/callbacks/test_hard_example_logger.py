@@ -281,11 +281,14 @@ class LossOnly(TinyGPTModule):
         return super().training_step(batch, batch_idx)["loss"]
 
 
-def test_no_loss_source_raises_one_error_that_says_what_to_return():
+def test_no_loss_source_warns_once_what_to_return_and_training_goes_on():
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[HardExampleLogger()], **trainer_kwargs())
-    with pytest.raises(RuntimeError, match=r"'per_example_loss'.*loss_fn.*'logits'"):
+    logger = HardExampleLogger(every_n_steps=1)
+    trainer = pl.Trainer(max_steps=4, logger=False, callbacks=[logger], **trainer_kwargs())
+    with pytest.warns(UserWarning, match=r"'per_example_loss'.*loss_fn.*'logits'.*off for the rest of this run") as seen:
         trainer.fit(LossOnly(small_gpt().config), small_data())
+    assert trainer.global_step == 4 and logger.samples_taken == 0
+    assert sum("HardExampleLogger" in str(w.message) for w in seen) == 1
 
 
 @pytest.mark.parametrize(
