@@ -91,15 +91,29 @@ class Writers:
     def _wandb_runs(self) -> list:
         return [lg.experiment for lg in self.loggers if _is_logger(lg, "WandbLogger")]
 
-    def _python_logging_only(self) -> bool:
-        if self.loggers:
+    def _python_logging_only(self, scalars: bool = False) -> bool:
+        """Whether output of this kind goes to Python logging: all of it with no logger; text and tables when no
+        logger shows them (a CSVLogger takes scalars only). Warns once, naming the loggers."""
+        loggers = self.loggers
+        if scalars and loggers:
+            return False
+        if any(_is_logger(lg, n) for lg in loggers for n in ("TensorBoardLogger", "WandbLogger")):
             return False
         if not self._warned_no_logger:
             self._warned_no_logger = True
-            rank_zero_warn(
-                "lightning_llmdbg: the Trainer has no logger, so debugger output goes to Python logging "
-                "(logger 'lightning_llmdbg'). Pass `logger=TensorBoardLogger(...)` or a WandbLogger to see it as charts."
-            )
+            if loggers:
+                names = ", ".join(type(lg).__name__ for lg in loggers)
+                message = (
+                    f"lightning_llmdbg: the Trainer's loggers ({names}) take scalars only, so debugger tables, text "
+                    "and alerts go to Python logging (logger 'lightning_llmdbg') and histograms and images are not "
+                    "written. Add a TensorBoardLogger or a WandbLogger to see them."
+                )
+            else:
+                message = (
+                    "lightning_llmdbg: the Trainer has no logger, so debugger output goes to Python logging "
+                    "(logger 'lightning_llmdbg'). Pass `logger=TensorBoardLogger(...)` or a WandbLogger to see it as charts."
+                )
+            rank_zero_warn(message)
         return True
 
     # -- what ------------------------------------------------------------------------------------------------
@@ -107,7 +121,7 @@ class Writers:
         """Every logger, through ``log_metrics``."""
         if not self.enabled or not metrics:
             return
-        if self._python_logging_only():
+        if self._python_logging_only(scalars=True):
             body = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             log.info("step %d %s", step, body)
             return

@@ -184,11 +184,11 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._writers = Writers.for_trainer(trainer)
         # Fail fast, naming the pattern; with `configure_model` the layers may not exist yet (resolved at fit start).
         if any(True for _ in pl_module.parameters()):
-            resolve_modules(pl_module, self.modules)
+            self._resolve(pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._device = trainer.strategy.root_device
-        self._targets = resolve_modules(pl_module, self.modules)
+        self._targets = self._resolve(pl_module)
         self._attention = attention_modules(self._targets) if self.attention else {}
         self._head = head_module(pl_module) if self.logits else None
         if self._writers is not None:
@@ -241,6 +241,12 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._pending_step = None
         self._acc = _Accumulator()
         self._targets, self._attention, self._head = {}, {}, None
+
+    def _resolve(self, pl_module: LightningModule) -> dict[str, nn.Module]:
+        try:
+            return resolve_modules(pl_module, self.modules)
+        except ValueError as err:
+            raise ValueError(f"ActivationProbe(modules={self.modules!r}): {err}") from None
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _attach(self) -> None:

@@ -205,6 +205,8 @@ class AnomalyAlert(Callback):
         self._checked_step = -1  # the last step whose every-step check ran
         self._skip_pending = -1  # a step to skip once the every-step check has looked at its gradients
         self._step_loss = math.nan  # the loss of the step last checked (mean over ranks)
+        self._loss_seen = False  # whether any backward of this step went through Lightning (and so reached us)
+        self._warned_no_loss = False
 
     def _reset_counters(self) -> None:
         self.alerts_total = 0
@@ -245,6 +247,7 @@ class AnomalyAlert(Callback):
             # References only (no copy); kept until the next step starts, since late signals (activations) of this
             # step may arrive in other callbacks' `on_train_batch_end`.
             self._batch_step = trainer.global_step
+            self._loss_seen = False
             self._batches = []
             self._rng = _rng_states() if self.max_bundles > self.bundles_saved else {}
             self._step_anomalies = {}
@@ -254,6 +257,7 @@ class AnomalyAlert(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if not self._check_every_step:
             return
+        self._loss_seen = True
         loss = loss.detach().float()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
@@ -264,6 +268,13 @@ class AnomalyAlert(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
+        if self._check_every_step and not self._loss_seen and not self._warned_no_loss:
+            self._warned_no_loss = True
+            rank_zero_warn(
+                f"AnomalyAlert: step {step} reached the optimizer without a loss: training_step returned None, or "
+                "manual optimization called `loss.backward()` (use `self.manual_backward(loss)`). Loss rules see "
+                "nothing for such steps; the gradient checks still run."
+            )
         found = self._check_step(trainer, optimizer, step) if self._check_every_step else []
         self._checked_step = step
         if found:

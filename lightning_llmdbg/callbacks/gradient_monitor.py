@@ -129,7 +129,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         # Fail fast on globs that match nothing; with `configure_model` the parameters may not exist yet,
         # and the groups are built for real in `on_fit_start`, after the strategy has wrapped the model.
         if isinstance(self.groups, Mapping) and any(True for _ in pl_module.parameters()):
-            resolve_groups(pl_module, self.groups)
+            self._resolve(pl_module, [])
         if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
             stage_ = (getattr(trainer.strategy, "config", None) or {}).get("zero_optimization", {}).get("stage", 0)
             if stage_ >= 2:
@@ -143,7 +143,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         optimizers = list(trainer.optimizers)
         if not optimizers:
             return
-        resolved = resolve_groups(pl_module, self.groups, optimizers)
+        resolved = self._resolve(pl_module, optimizers)
         if resolved.frozen:
             shown = ", ".join(resolved.frozen[:5]) + (", ..." if len(resolved.frozen) > 5 else "")
             rank_zero_info(f"GradientMonitor: skipping {len(resolved.frozen)} frozen parameters ({shown}).")
@@ -197,6 +197,12 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         self._plans = {}
         self._pending_updates = {}
         self._batch_step, self._measured = None, set()
+
+    def _resolve(self, pl_module: LightningModule, optimizers: list) -> Any:
+        try:
+            return resolve_groups(pl_module, self.groups, optimizers)
+        except ValueError as err:
+            raise ValueError(f"GradientMonitor(groups={self.groups!r}): {err}") from None
 
     # -- measurement -------------------------------------------------------------------------------------------
     def _make_plan(self, names: list[str], params: list[Tensor], group_of: dict[str, str], total: str) -> _Plan:

@@ -129,8 +129,14 @@ class LLMDebugger(Callback):
                 part.load_state_dict(state_dict[name])
 
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        for part in self.parts.values():
-            getattr(part, hook)(*args, **kwargs)
+        for name, part in self.parts.items():
+            try:
+                getattr(part, hook)(*args, **kwargs)
+            except ValueError as err:  # a part's configuration does not fit this model: say which part, and how
+                raise ValueError(
+                    f"LLMDebugger, part {name!r}: {err} Configure it with `LLMDebugger({name}={{...}})`, or switch it "
+                    f"off with `LLMDebugger({name}=False)`."
+                ) from None
 
 
 def _build(name: str, spec: PartSpec) -> Callback | None:
