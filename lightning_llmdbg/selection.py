@@ -24,6 +24,7 @@ from torch import nn
 GroupSpec = Union[str, Mapping[str, Union[str, Sequence[str]]]]
 GROUP_MODES = ("blocks", "param_groups", "parameters")
 
+_COMPILE_WRAPPER = re.compile(r"(?:^|\.)_orig_mod(?=\.|$)")
 _INDEX = re.compile(r"\.(\d+)(?=\.)")
 _EMBEDDING_NAME = re.compile(r"(^|[._])(wte|wpe|embed\w*|\w*_emb|emb|embeddings?|tok_embeddings|pos_embed\w*)($|[._])")
 _HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score", "embed_out", "output_layer")
@@ -82,9 +83,24 @@ def _strip_trunk(name: str, trunk_parts: Sequence[str]) -> list[str]:
     return parts[i:]
 
 
+def plain_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` components that ``torch.compile``'s wrappers add, so that groups, keys and
+    patterns read the same whether or not (and wherever) the model was compiled."""
+    return _COMPILE_WRAPPER.sub("", name).lstrip(".")
+
+
+def named_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """``root.named_modules()`` by plain name; of a compile wrapper and the module it wraps, the module."""
+    return {plain_name(n): m for n, m in root.named_modules()}
+
+
+def named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(plain_name(n), p) for n, p in module.named_parameters()]
+
+
 def _embedding_param_names(module: nn.Module) -> set[str]:
     names = set()
-    for module_name, sub in module.named_modules():
+    for module_name, sub in named_modules(module).items():
         if isinstance(sub, nn.Embedding):
             for param_name, _ in sub.named_parameters(recurse=False):
                 names.add(f"{module_name}.{param_name}" if module_name else param_name)
@@ -184,7 +200,7 @@ def resolve_groups(
         ValueError: an unknown mode, or a glob that matches no parameter name (with the closest names).
     """
     validate_group_spec(groups)
-    all_named = list(module.named_parameters())
+    all_named = named_parameters(module)
     named = [(n, p) for n, p in all_named if p.requires_grad]
     frozen = [n for n, p in all_named if not p.requires_grad]
     by_name = dict(named)
@@ -232,7 +248,7 @@ def _outermost(names: Sequence[str]) -> list[str]:
 
 def block_modules(root: nn.Module) -> dict[str, nn.Module]:
     """The transformer blocks of ``root`` keyed as GradientMonitor's groups are (``block_3``, or ``encoder.block.3``)."""
-    modules = dict(root.named_modules())
+    modules = named_modules(root)
     blocks = block_index_of([name + "." for name in modules])
     containers = list(dict.fromkeys(c for c, _ in blocks.values()))  # in model order
     found = {}
@@ -273,7 +289,7 @@ def resolve_modules(root: nn.Module, spec: ModuleSpec = "blocks") -> dict[str, n
         ValueError: a pattern or type that matches nothing (with the closest module names), or no blocks found.
     """
     validate_module_spec(spec)
-    named = {n: m for n, m in root.named_modules() if n}
+    named = {n: m for n, m in named_modules(root).items() if n}
     names = list(named)
     if spec == "blocks":
         found = block_modules(root)
@@ -316,19 +332,21 @@ def attention_modules(within: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Attention modules: the outermost submodule named ``attn``/``attention``/``self_attn`` of each probed module."""
     found = {}
     for key, module in within.items():
-        names = _outermost([n for n, m in module.named_modules() if n and _ATTENTION_NAMES.search(n)])
+        subs = named_modules(module)
+        names = _outermost([n for n in subs if n and _ATTENTION_NAMES.search(n)])
         if _ATTENTION_NAMES.search(key) and not names:
             found[key] = module
         for n in names:
-            found[f"{key}.{n}" if len(names) > 1 else key] = module.get_submodule(n)
+            found[f"{key}.{n}" if len(names) > 1 else key] = subs[n]
     return found
 
 
 def head_module(root: nn.Module) -> nn.Module | None:
     """The output projection to the vocabulary: the first ``nn.Linear`` named as a head (``lm_head``, ``head``,
     ``output``, ``embed_out``, …) outside the blocks, if there is one."""
-    blocks = block_index_of([name + "." for name, _ in root.named_modules()])
-    for name, module in root.named_modules():
+    modules = named_modules(root)
+    blocks = block_index_of([name + "." for name in modules])
+    for name, module in modules.items():
         if name.split(".")[-1] in _HEAD_NAMES and isinstance(module, nn.Linear) and name + "." not in blocks:
             return module
     return None

@@ -239,12 +239,13 @@ FIXED_EDGES = torch.cat([-torch.flip(10.0**_DECADES, [0]), 10.0**_DECADES])
 def fixed_histogram_partials(x: Tensor) -> Tensor:
     """``[counts per FIXED_EDGES bin (len-1), non-finite count]`` of ``x``."""
     values = x.detach().flatten().float()
-    finite = torch.isfinite(values)
     edges = FIXED_EDGES.to(device=values.device, dtype=torch.float32)
-    inner = edges[1:-1].contiguous()
-    index = torch.bucketize(values[finite], inner, right=True)
-    counts = torch.bincount(index, minlength=len(edges) - 1).double()
-    return torch.cat([counts, (~finite).sum().double().reshape(1)])
+    bins = len(edges) - 1
+    # Non-finite values go to one more bin at the end. Shapes stay static (no boolean mask, no bincount), so that a
+    # compiled model traces this into its graph instead of breaking it.
+    index = torch.where(torch.isfinite(values), torch.bucketize(values, edges[1:-1].contiguous(), right=True), bins)
+    ones = torch.ones((), dtype=torch.float64, device=values.device).expand(values.numel())
+    return torch.zeros(bins + 1, dtype=torch.float64, device=values.device).scatter_add_(0, index, ones)
 
 
 def fixed_histogram(partials: Tensor) -> Histogram:

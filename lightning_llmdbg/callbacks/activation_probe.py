@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,27 @@ def attention_logit_max(output: Any) -> Tensor | None:
     ):
         return output[2].detach().float().amax().reshape(1)
     return None
+
+
+# Attributes a sampled step's hooks set on the modules they are attached to; removed at the end of the fit.
+SLOTS = {"act": "_llmdbg_act", "hist": "_llmdbg_hist", "attn": "_llmdbg_attn", "logits": "_llmdbg_logits"}
+GRADIENT_SLOT = "_llmdbg_grad"  # a float64 [sum of squares, count] buffer, added to in place during backward
+
+
+def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None) -> tuple:
+    """A module's partial sums over its calls within a step (a module called twice adds up; a call with another
+    width is left out, as the accumulator does)."""
+    if previous is None:
+        return (sums, maxes)
+    if previous[0].shape != sums.shape:
+        return previous
+    return (previous[0] + sums, previous[1] if maxes is None else torch.maximum(previous[1], maxes))
+
+
+def _add_gradient_partials(buffer: Tensor, grad: Tensor) -> None:
+    g = grad.detach().float()
+    count = torch.full((), float(g.numel()), dtype=torch.float64, device=g.device)
+    buffer.add_(torch.stack([(g * g).sum(dtype=torch.float64), count]))
 
 
 @dataclass
@@ -115,6 +137,11 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
       bins so that micro-batches and ranks add up; NaN/Inf are counted, not binned.
+
+    A ``torch.compile``d model (whole or per block) compiles once more for the sampled steps and keeps its plain
+    graph on the others: the hooks are one bound method per kind, shared by all modules, and leave their partial
+    sums as attributes of the module (``_llmdbg_act`` and the like, removed at the end of the fit). An empty
+    batch adds nothing; a sampled step on which no module ran logs nothing.
 
     TensorBoard gets a custom-scalars layout with one chart per statistic and all modules on it, and the RMS,
     kurtosis and lowest-head attention entropy charts in the one-page ``llmdbg: health`` category. The values are
@@ -211,6 +238,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             return
         if self._pending_step is not None and self._pending_step != step:
             self._acc = _Accumulator()  # a sampled step that never reached its optimizer step (skipped by AMP)
+            for module in self._targets.values():
+                buffer = getattr(module, GRADIENT_SLOT, None)
+                if buffer is not None:
+                    buffer.zero_()
         self._pending_step = step
         self._attach()
 
@@ -218,16 +249,22 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if self._handles:  # the scale this sampled backward pass runs with (it may change at the optimizer step)
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self._loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        self._detach()
+            self._detach()
+            self._file_forward()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._detach()
+        if self._handles:  # no backward ran (training_step returned None)
+            self._detach()
+            self._file_forward()
         if self._pending_step is not None and trainer.global_step > self._pending_step:
             step, self._pending_step = self._pending_step, None
+            if self.gradients:
+                self._file_gradients()
             self._finish(step)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._detach()
+        self._remove_slots()
         self._pending_step = None
         self._acc = _Accumulator()
 
@@ -238,6 +275,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._detach()
+        self._remove_slots()
         self._pending_step = None
         self._acc = _Accumulator()
         self._targets, self._attention, self._head = {}, {}, None
@@ -249,17 +287,22 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             raise ValueError(f"ActivationProbe(modules={self.modules!r}): {err}") from None
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    # One bound method per kind of hook, shared by every module, that leaves its partial sums on the hooked module
+    # itself (SLOTS). A closure per module, or a hook that wrote into this callback's dicts, would make a compiled
+    # model specialise per module (one recompilation each) and break its graph; with this, a `torch.compile`d
+    # model compiles once for sampled steps and keeps its plain graph on the others.
     def _attach(self) -> None:
         self._detach()
-        for key, module in self._targets.items():
-            self._handles.append(module.register_forward_hook(self._activation_hook(key)))
-        for key, module in self._attention.items():
+        self._reset_slots()
+        for module in self._targets.values():
+            self._handles.append(module.register_forward_hook(self._on_activation))
+        for module in self._attention.values():
             if hasattr(module, "return_attention"):
                 self._switched.append((module, module.return_attention))
                 module.return_attention = True
-            self._handles.append(module.register_forward_hook(self._attention_hook(key)))
+            self._handles.append(module.register_forward_hook(self._on_attention))
         if self._head is not None:
-            self._handles.append(self._head.register_forward_hook(self._logits_hook))
+            self._handles.append(self._head.register_forward_hook(self._on_logits))
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -269,38 +312,65 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             module.return_attention = before
         self._switched = []
 
-    def _activation_hook(self, key: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = hidden_state(output)
-            if hidden is None or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
-                return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
-            self._acc.add(f"act/{key}", *stats.activation_partials(hidden))
-            if self.histograms:
-                self._acc.add(f"hist/{key}", stats.fixed_histogram_partials(hidden))
-            if self.gradients and hidden.requires_grad:
-                hidden.register_hook(self._gradient_hook(key))
+    def _probed(self) -> list[tuple[str, str, nn.Module]]:
+        """``(accumulator key, slot, module)`` for every slot a hook may fill."""
+        probed = [(f"act/{k}", SLOTS["act"], m) for k, m in self._targets.items()]
+        probed += [(f"hist/{k}", SLOTS["hist"], m) for k, m in self._targets.items()] if self.histograms else []
+        probed += [(f"attn/{k}", SLOTS["attn"], m) for k, m in self._attention.items()]
+        probed += [("logits", SLOTS["logits"], self._head)] if self._head is not None else []
+        return probed
 
-        return hook
+    def _reset_slots(self) -> None:
+        for _, slot, module in self._probed():
+            setattr(module, slot, None)
+        if self.gradients:
+            for module in self._targets.values():
+                if getattr(module, GRADIENT_SLOT, None) is None:
+                    setattr(module, GRADIENT_SLOT, torch.zeros(2, dtype=torch.float64, device=self._device))
 
-    def _gradient_hook(self, key: str):
-        def hook(grad: Tensor) -> None:
-            g = grad.detach().float()
-            self._acc.add(f"grad/{key}", torch.stack([(g * g).sum(dtype=torch.float64), torch.tensor(float(g.numel()), dtype=torch.float64, device=g.device)]))
+    def _file_forward(self) -> None:
+        """Move what the forward hooks left on the modules into this step's accumulator."""
+        for key, slot, module in self._probed():
+            value = getattr(module, slot, None)
+            if value is not None:
+                self._acc.add(key, *value)
+                setattr(module, slot, None)
 
-        return hook
+    def _file_gradients(self) -> None:
+        # Every buffer, without looking at its count (that would be a host sync per module): a module whose
+        # gradient hook never ran adds a zero count, and `_finish` leaves it out.
+        for key, module in self._targets.items():
+            buffer = getattr(module, GRADIENT_SLOT, None)
+            if buffer is not None:
+                self._acc.add(f"grad/{key}", buffer.clone())
+                buffer.zero_()
 
-    def _attention_hook(self, key: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            probs = attention_probabilities(output)
-            if probs is not None and probs.numel() > 0:
-                self._acc.add(f"attn/{key}", stats.attention_partials(probs), attention_logit_max(output))
+    def _remove_slots(self) -> None:
+        modules = [m for _, _, m in self._probed()] + list(self._targets.values())
+        for module in modules:
+            for slot in (*SLOTS.values(), GRADIENT_SLOT):
+                if slot in module.__dict__:
+                    delattr(module, slot)
 
-        return hook
+    def _on_activation(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = hidden_state(output)
+        if hidden is None or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
+            return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
+        module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden))
+        if self.histograms:
+            module._llmdbg_hist = _merged(module._llmdbg_hist, stats.fixed_histogram_partials(hidden))
+        if self.gradients and hidden.requires_grad:
+            hidden.register_hook(functools.partial(_add_gradient_partials, module._llmdbg_grad))
 
-    def _logits_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_attention(self, module: nn.Module, args: Any, output: Any) -> None:
+        probs = attention_probabilities(output)
+        if probs is not None and probs.numel() > 0:
+            module._llmdbg_attn = _merged(module._llmdbg_attn, stats.attention_partials(probs), attention_logit_max(output))
+
+    def _on_logits(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = hidden_state(output)
         if logits is not None and logits.numel() > 0 and logits.is_floating_point():
-            self._acc.add("logits", *stats.logit_partials(logits))
+            module._llmdbg_logits = _merged(module._llmdbg_logits, *stats.logit_partials(logits))
 
     # -- reduction and output ----------------------------------------------------------------------------------
     def _expected_keys(self) -> list[str]:
@@ -327,6 +397,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 values.update({f"{PREFIX}/act/{name}/{s}": computed[s] for s in self.stats})
             elif kind == "grad":
                 total, count = partial.tolist()
+                if count == 0:  # its gradient hook never ran (no backward through it)
+                    continue
                 # Data-parallel ranks average their gradients, so the objective is the mean of the ranks' losses.
                 world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
                 values[f"{PREFIX}/act_grad/{name}/rms"] = (total / count) ** 0.5 / self._loss_scale / world

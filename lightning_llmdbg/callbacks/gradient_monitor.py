@@ -68,6 +68,11 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
     partition gradients outside ``param.grad``: there the monitor measures only the gradients that are
     materialised in ``param.grad`` on each rank and says so with a warning.
 
+    Manual optimization and several optimizers: each ``optimizer.step()`` advances ``global_step``, so the schedule
+    is read once per batch, at the step the batch starts on, and every optimizer that steps in a sampled batch is
+    measured and logged at that step. A step with no gradient at all (``training_step`` returned None) is not
+    measured, and a group none of whose parameters got a gradient logs no norm for that step.
+
     Args:
         groups: ``"blocks"`` (one group per transformer block, plus ``embeddings``, ``head`` and the remaining
             parameters by top-level module), ``"param_groups"`` (the optimizer's param groups, by their

@@ -3,6 +3,7 @@ dynamics per example id across the run."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import warnings
@@ -37,7 +38,7 @@ from lightning_llmdbg.examples_text import (
     validate_decoder,
 )
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule, require_int
-from lightning_llmdbg.selection import no_match_error
+from lightning_llmdbg.selection import named_modules, no_match_error
 from lightning_llmdbg.signals import PREFIX
 from lightning_llmdbg.writers import Writers
 
@@ -55,6 +56,12 @@ NEEDS_LOSSES = (
     "`loss_fn=lambda batch, outputs: ...` returning a [batch] tensor; or, for a causal LM, put 'input_ids' and "
     "'labels' in the batch and return the logits: `return {'loss': loss, 'logits': logits}`."
 )
+
+
+def _eager() -> Any:
+    """Run compiled functions eagerly within (``torch.compiler.set_stance``, torch >= 2.6; a no-op before)."""
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 class _NoLosses(RuntimeError):
@@ -79,7 +86,9 @@ class HardExampleLogger(SampledStepCounters, Callback):
        inputs already shifted by one are not (checked once, or set ``shift_labels``).
     4. ``logits`` ``[B, C]`` and ``target`` ``[B]`` alone: cross-entropy of a classifier.
 
-    Anything else raises one error that says what to return.
+    Anything else: one warning that says what to return, and the logger switches itself off for the run (agreed
+    across ranks on the first batch); training goes on. NaN per-example losses (an example with no target token)
+    are left out of the rankings, with one warning that gives their count.
 
     Per step (the hot path) the batch's losses are merged into on-device top-k buffers: one ``topk`` and a gather of
     the kept rows' token ids per buffer, no host synchronisation. Only on a logged step do the kept few move to the
@@ -495,9 +504,9 @@ class HardExampleLogger(SampledStepCounters, Callback):
     # -- token attribution ---------------------------------------------------------------------------------------
     def _find_embedding(self, pl_module: LightningModule) -> nn.Module | None:
         if self.embedding is not None:
-            modules = dict(pl_module.named_modules())
+            modules = named_modules(pl_module)
             if self.embedding not in modules:
-                raise no_match_error("embedding module", self.embedding, modules)
+                raise no_match_error("embedding module", self.embedding, [n for n in modules if n])
             return modules[self.embedding]
         for module in pl_module.modules():
             getter = getattr(module, "get_input_embeddings", None)
@@ -526,13 +535,16 @@ class HardExampleLogger(SampledStepCounters, Callback):
         tokens_out: list[list[float] | None] = [None] * n
         sal_out: list[list[float] | None] = [None] * n
         try:
-            for length in sorted(set(lengths)):
-                index = [i for i in range(n) if lengths[i] == length]
-                group = {name: t[index][:, :length] if t.dim() == 2 and name != "classifier" else t[index] for name, t in rows.items()}
-                tok, sal = self._attribute(pl_module, group, attribute)
-                for j, i in enumerate(index):
-                    tokens_out[i] = tok[j] if tok is not None else None
-                    sal_out[i] = sal[j] if sal is not None else None
+            # Eagerly, even inside a `torch.compile`d model: a few rows of other shapes, with a hook on the
+            # embedding, would otherwise compile graphs of their own (and replace the training step's).
+            with _eager():
+                for length in sorted(set(lengths)):
+                    index = [i for i in range(n) if lengths[i] == length]
+                    group = {name: t[index][:, :length] if t.dim() == 2 and name != "classifier" else t[index] for name, t in rows.items()}
+                    tok, sal = self._attribute(pl_module, group, attribute)
+                    for j, i in enumerate(index):
+                        tokens_out[i] = tok[j] if tok is not None else None
+                        sal_out[i] = sal[j] if sal is not None else None
         except Exception as err:  # noqa: BLE001 - a display feature must never stop training
             self._inspect = False
             rank_zero_warn(f"HardExampleLogger: the attribution forward pass failed ({type(err).__name__}: {err}); per-token losses and saliency are off. Pass `forward_fn=` or `attribution=False`.")

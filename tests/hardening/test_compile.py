@@ -1,0 +1,120 @@
+"""A `torch.compile`d model: the callbacks log the same values as on the eager model, nothing compiles after the
+first sampled step and the step after it, and every step that is not sampled runs one and the same full graph.
+
+The backend is `aot_eager` (no C++ build) wrapped to count the runs of each compiled graph. Ten blocks is more
+than dynamo's recompile limit (8): a hook that made each block specialise would push blocks into eager mode.
+"""
+
+import collections
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch._dynamo
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger, LLMDebugger
+from tests.helpers import count_hooks, read_events, scalars, small_data, small_gpt, trainer_kwargs
+
+EVERY = 4
+STEPS = 12
+
+
+class GraphCounter:
+    """A torch.compile backend (aot_eager underneath) that counts the runs of each compiled graph."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter = collections.Counter()
+        self.inputs: dict[str, int] = {}  # graph id -> number of inputs (the parameters are inputs under aot_eager)
+
+    def __call__(self, gm, example_inputs):
+        graph_id = str(torch._guards.CompileContext.current_compile_id())
+        self.inputs[graph_id] = len(example_inputs)
+        compiled = torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args):
+            self.calls[graph_id] += 1
+            return compiled(*args)
+
+        return run
+
+
+class PerStep(pl.Callback):
+    """Per optimizer step: how many graphs were compiled, and which graphs ran how often."""
+
+    def __init__(self, counter: GraphCounter) -> None:
+        self.counter, self.seen, self.graphs_seen = counter, collections.Counter(), 0
+        self.ran: dict[int, dict[str, int]] = {}
+        self.compiled: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        step, now = trainer.global_step - 1, collections.Counter(self.counter.calls)
+        self.ran[step] = {k: v - self.seen[k] for k, v in now.items() if v != self.seen[k]}
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        self.compiled[step], self.graphs_seen, self.seen = graphs - self.graphs_seen, graphs, now
+
+
+CALLBACKS = {
+    "probe": lambda: [ActivationProbe(every_n_steps=EVERY)],
+    "probe_gradients_histograms": lambda: [ActivationProbe(every_n_steps=EVERY, gradients=True, histograms=True)],
+    "hard_examples": lambda: [HardExampleLogger(k=2, every_n_steps=EVERY)],
+    "gradients_alerts": lambda: [GradientMonitor(every_n_steps=EVERY, update_ratio=True), AnomalyAlert()],
+}
+CASES = [(name, "model", 3) for name in CALLBACKS] + [(name, "blocks", 10) for name in CALLBACKS]
+
+
+def compile_(module, style, backend):
+    if style == "model":
+        module.model = torch.compile(module.model, backend=backend)
+    else:
+        for block in module.model.transformer.h:
+            block.compile(backend=backend)
+
+
+@pytest.mark.parametrize("name, style, n_layer", CASES, ids=[f"{n}-{s}-{k}" for n, s, k in CASES])
+def test_nothing_recompiles_and_unsampled_steps_run_the_plain_graph(tmp_path, name, style, n_layer):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = GraphCounter()
+    module = small_gpt(n_layer=n_layer)
+    compile_(module, style, counter)
+    record = PerStep(counter)
+    trainer = pl.Trainer(
+        max_steps=STEPS, logger=TensorBoardLogger(str(tmp_path)), callbacks=[*CALLBACKS[name](), record],
+        **trainer_kwargs(),
+    )
+    trainer.fit(module, small_data())
+
+    assert {s: n for s, n in record.compiled.items() if s >= 2 and n} == {}, "compiled after warm-up"
+    unsampled = [record.ran[s] for s in range(2, STEPS) if s % EVERY]
+    assert all(ran == unsampled[0] for ran in unsampled), "steps that are not sampled run different graphs"
+    # One graph that takes every parameter: the whole model once, or one block graph shared by all blocks.
+    assert len(unsampled[0]) == 1, unsampled[0]
+    (graph, runs), = unsampled[0].items()
+    unit = module.model if style == "model" else module.model.transformer.h[0]
+    assert runs == (1 if style == "model" else n_layer)
+    assert counter.inputs[graph] >= len(list(unit.parameters())), "the plain graph covers only part of the model"
+    assert count_hooks(module) == 0
+
+
+def test_a_compiled_model_logs_what_the_eager_model_logs(tmp_path):
+    every = {"every_n_steps": EVERY}
+    logged = {}
+    for style in ("eager", "compiled"):
+        torch._dynamo.reset()
+        module = small_gpt()
+        if style == "compiled":
+            compile_(module, "model", "aot_eager")
+        debugger = LLMDebugger(gradients=every, activations={**every, "gradients": True}, examples={**every, "k": 2})
+        logger = TensorBoardLogger(str(tmp_path), name=style, version=0)
+        trainer = pl.Trainer(max_steps=STEPS, logger=logger, callbacks=[debugger], **trainer_kwargs())
+        trainer.fit(module, small_data())
+        events = read_events(logger.log_dir)
+        logged[style] = {t: scalars(events, t) for t in events.Tags()["scalars"] if t.startswith("llmdbg/")}
+    # The same keys (module names carry no `_orig_mod`), at the same steps, with the same values.
+    assert sorted(logged["compiled"]) == sorted(logged["eager"])
+    assert {"llmdbg/act/block_2/rms", "llmdbg/act_grad/block_0/rms", "llmdbg/attn/block_1/entropy_min"} <= set(logged["eager"])
+    for tag, eager in logged["eager"].items():
+        assert sorted(logged["compiled"][tag]) == sorted(eager), tag
+        for step, value in eager.items():
+            assert logged["compiled"][tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
