@@ -24,6 +24,9 @@ def _available_namespaces() -> list[Any]:
             found.append(importlib.import_module(name))
         except ImportError:
             continue
+        except Exception:  # noqa: BLE001 - a broken extra install must not break the namespace that works
+            if not found:
+                raise
     if not found:
         raise ImportError(
             "lightning_llmdbg needs PyTorch Lightning: `pip install pytorch-lightning` (or the unified `lightning`)."

@@ -24,12 +24,14 @@ class Signals:
         step: the optimizer step they belong to (``trainer.global_step`` when measured).
         values: metric key (``llmdbg/grad_norm/block_3``) to value; the same keys the writers log.
         details: structured extras, e.g. ``{"nonfinite_parameters": [(name, count), ...]}``.
+        before_update: published before the optimizer step it measures, so that a rule may still skip it.
     """
 
     source: str
     step: int
     values: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
+    before_update: bool = False
 
 
 SignalListener = Callable[[Signals], None]

@@ -241,11 +241,13 @@ def fixed_histogram_partials(x: Tensor) -> Tensor:
     values = x.detach().flatten().float()
     edges = FIXED_EDGES.to(device=values.device, dtype=torch.float32)
     bins = len(edges) - 1
-    # Non-finite values go to one more bin at the end. Shapes stay static (no boolean mask, no bincount), so that a
-    # compiled model traces this into its graph instead of breaking it.
-    index = torch.where(torch.isfinite(values), torch.bucketize(values, edges[1:-1].contiguous(), right=True), bins)
-    ones = torch.ones((), dtype=torch.float64, device=values.device).expand(values.numel())
-    return torch.zeros(bins + 1, dtype=torch.float64, device=values.device).scatter_add_(0, index, ones)
+    # Non-finite values go to one more bin at the end (no boolean mask: its shape would depend on the data).
+    index = torch.bucketize(values, edges[1:-1].contiguous(), right=True, out_int32=True)
+    index = torch.where(torch.isfinite(values), index, bins)
+    if torch.compiler.is_compiling():  # bincount's output shape depends on the data too: it would break the graph
+        ones = torch.ones((), dtype=torch.float64, device=values.device).expand(values.numel())
+        return torch.zeros(bins + 1, dtype=torch.float64, device=values.device).scatter_add_(0, index.long(), ones)
+    return torch.bincount(index, minlength=bins + 1).double()
 
 
 def fixed_histogram(partials: Tensor) -> Histogram:

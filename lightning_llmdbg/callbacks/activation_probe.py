@@ -326,7 +326,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if self.gradients:
             for module in self._targets.values():
                 if getattr(module, GRADIENT_SLOT, None) is None:
-                    setattr(module, GRADIENT_SLOT, torch.zeros(2, dtype=torch.float64, device=self._device))
+                    # On the module's own device: a model may span devices within one process (`device_map`).
+                    device = next(module.parameters(), torch.empty(0, device=self._device)).device
+                    setattr(module, GRADIENT_SLOT, torch.zeros(2, dtype=torch.float64, device=device))
 
     def _file_forward(self) -> None:
         """Move what the forward hooks left on the modules into this step's accumulator."""
@@ -413,8 +415,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             elif kind == "hist":
                 histograms[name] = stats.fixed_histogram(partial)
         self._count_sample(step)
-        if not sums:  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
-            return
+        if not any(k.startswith(("act/", "attn/", "logits")) for k in sums):
+            return  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
         if self._attention and not any(k.startswith("attn/") for k in sums) and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(

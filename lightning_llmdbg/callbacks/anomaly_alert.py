@@ -350,9 +350,7 @@ class AnomalyAlert(Callback):
         found = rules_.evaluate(self.rules, values, self.history, signals.step)
         self.history.add(values)
         if found:
-            # Before the optimizer step the trainer has not counted this step yet; after it, it has.
-            before_update = self._trainer is not None and self._trainer.global_step == signals.step
-            self._handle(found, signals.step, before_update=before_update)
+            self._handle(found, signals.step, before_update=signals.before_update)
 
     def _offenders(self, optimizer: Any) -> list[tuple[str, str, int]]:
         """Slow path, only on a non-finite step: this rank's parameters with NaN/Inf gradients, in model order."""

@@ -66,7 +66,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
     same on every rank. With FSDP2 (DTensor gradients) the local sums of squares, counts and maxima are
     all-reduced over the sharded mesh dimensions before the root is taken. DeepSpeed ZeRO stage 2 and 3
     partition gradients outside ``param.grad``: there the monitor measures only the gradients that are
-    materialised in ``param.grad`` on each rank and says so with a warning.
+    materialised in ``param.grad`` on each rank (none at all: no log for that step) and says so with a warning.
 
     Manual optimization and several optimizers: each ``optimizer.step()`` advances ``global_step``, so the schedule
     is read once per batch, at the step the batch starts on, and every optimizer that steps in a sampled batch is
@@ -119,8 +119,9 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         self.param_norm = bool(param_norm)
         self._plans: dict[int, _Plan] = {}
         self._writers: Writers | None = None
-        # Per optimizer: (plan, step, parameters before the step, their sums of squares), until the step is taken.
-        self._pending_updates: dict[int, tuple[_Plan, int, list[Tensor], Tensor]] = {}
+        # Per optimizer: (plan, step, parameters before the step, their sums of squares, groups without gradients),
+        # until the step is taken.
+        self._pending_updates: dict[int, tuple[_Plan, int, list[Tensor], Tensor, set[str]]] = {}
         # The step a batch starts on, and the optimizers measured in it: with manual optimization every
         # `optimizer.step()` advances `global_step`, so the schedule is read once per batch, not per optimizer.
         self._batch_step: int | None = None
@@ -140,11 +141,13 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
             if stage_ >= 2:
                 rank_zero_warn(
                     f"GradientMonitor: DeepSpeed ZeRO stage {stage_} partitions gradients outside `param.grad`; "
-                    "only gradients materialised in `param.grad` are measured, so the logged norms are partial. "
+                    "only gradients materialised in `param.grad` are measured: the logged norms are partial, and a step "
+                    "with none materialised is not logged at all. "
                     "Use ZeRO stage 0/1 or FSDP2 for exact per-group norms."
                 )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._forget_step()
         optimizers = list(trainer.optimizers)
         if not optimizers:
             return
@@ -181,16 +184,17 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         self._measured.add(id(optimizer))
         values, details, param_sumsq = self._measure(plan)
         if self.update_ratio:
-            self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq)
+            # Which groups had gradients, now: a manual loop may zero them right after `optimizer.step()`.
+            without = _groups_without_gradients(plan)
+            self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq, without)
         if step != self.last_sampled_step:
             self._count_sample(step)
-        self._emit(step, values, details)
+        self._emit(step, values, details, before_update=True)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         pending, self._pending_updates = self._pending_updates, {}
-        for plan, step, before, param_sumsq in pending.values():
+        for plan, step, before, param_sumsq, without in pending.values():
             ratios = self._update_ratios(plan, before, param_sumsq)
-            without = _groups_without_gradients(plan)
             ratios = {g: r for g, r in zip(plan.group_names, ratios) if g not in without}
             self._emit(step, {f"{PREFIX}/update_ratio/{g}": r for g, r in ratios.items()}, {})
 
@@ -200,6 +204,13 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._plans = {}
+        self._forget_step()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._forget_step()  # Lightning calls no `teardown` after an exception
+
+    def _forget_step(self) -> None:
+        # The pending update holds a copy of the parameters: never keep it past the step (or the fit).
         self._pending_updates = {}
         self._batch_step, self._measured = None, set()
 
@@ -348,9 +359,9 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         return ratio.cpu().tolist()
 
     # -- output ------------------------------------------------------------------------------------------------
-    def _emit(self, step: int, values: dict[str, float], details: dict[str, Any]) -> None:
+    def _emit(self, step: int, values: dict[str, float], details: dict[str, Any], before_update: bool = False) -> None:
         histograms = details.pop("histograms", {})
-        self._publish(Signals(source=self.signal_source_name, step=step, values=values, details=details))
+        self._publish(Signals(self.signal_source_name, step, values, details, before_update=before_update))
         if self._writers is None:
             return
         self._writers.scalars(values, step)

@@ -230,7 +230,8 @@ class HardExampleLogger(SampledStepCounters, Callback):
             self._writers = Writers.for_trainer(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._off, self._losses_checked = False, False
+        self._off, self._losses_checked, self._collected_any = False, False, False
+        self._nonfinite_losses, self._warned = None, set()
         if self._table is not None:
             self._table.to(trainer.strategy.root_device)
         self._inspect = True
@@ -260,11 +261,11 @@ class HardExampleLogger(SampledStepCounters, Callback):
             if distributed.agree_any(missing is not None, trainer.strategy.root_device):
                 self._switch_off(missing or NEEDS_LOSSES)
                 return
-        elif missing is not None:
-            if distributed.is_distributed():  # agreeing later would cost a collective on every batch
-                raise RuntimeError(missing)
-            self._switch_off(missing)
-            return
+        elif missing is not None and "later_missing" not in self._warned:
+            # A later batch without losses adds nothing on this rank; agreeing to switch off now would cost a
+            # collective on every batch, so the rest goes on as before (the same collectives on every rank).
+            self._warned.add("later_missing")
+            warnings.warn(f"{missing} (from step {trainer.global_step} on, such batches are left out.)")
         if examples is not None:
             self._collect(examples)
         if self._table is not None:

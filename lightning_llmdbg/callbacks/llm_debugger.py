@@ -23,6 +23,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 PARTS = {"gradients": GradientMonitor, "activations": ActivationProbe, "examples": HardExampleLogger, "alerts": AnomalyAlert}
 
 PartSpec = Union[bool, Mapping[str, Any], Callback]
+# Where a part matches its configuration against the model; a ValueError there is a configuration error.
+CONFIGURING_HOOKS = ("setup", "on_fit_start")
 
 
 class LLMDebugger(Callback):
@@ -130,13 +132,16 @@ class LLMDebugger(Callback):
 
     def _forward(self, hook: str, *args: Any, **kwargs: Any) -> None:
         for name, part in self.parts.items():
+            if hook not in CONFIGURING_HOOKS:
+                getattr(part, hook)(*args, **kwargs)
+                continue
             try:
                 getattr(part, hook)(*args, **kwargs)
             except ValueError as err:  # a part's configuration does not fit this model: say which part, and how
                 raise ValueError(
                     f"LLMDebugger, part {name!r}: {err} Configure it with `LLMDebugger({name}={{...}})`, or switch it "
                     f"off with `LLMDebugger({name}=False)`."
-                ) from None
+                ) from err
 
 
 def _build(name: str, spec: PartSpec) -> Callback | None:

@@ -65,6 +65,7 @@ def test_an_interrupted_fit_leaves_no_hooks_flushed_logs_and_a_consistent_checkp
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl+C after the first
 
     assert count_hooks(model) == 0
+    assert not [k for m in model.modules() for k in vars(m) if k.startswith("_llmdbg")]  # the probe's sums are gone
     completed = list(range(STOP_AT + 1 if kind == "should_stop" else STOP_AT))
     events = read_events(logger.log_dir)  # a fresh reader: only what reached the file
     for tag in ("llmdbg/grad_norm/total", "llmdbg/update_ratio/block_0", "llmdbg/act/block_1/rms", "llmdbg/act_grad/block_2/rms"):

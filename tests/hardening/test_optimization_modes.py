@@ -9,10 +9,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_llmdbg import LLMDebugger
 from lightning_llmdbg.testing import TinyGPTModule
-from tests.helpers import count_hooks, independent_group_norms, read_events, scalars, small_data, small_gpt, trainer_kwargs
+from tests.helpers import (
+    count_hooks, independent_group_norms, read_events, scalars, small_data, small_gpt, trainer_kwargs,
+)
 
 BATCHES = 4
-NAN_BATCH = 2
+NAN_BATCH = 2  # a NaN in a block's gradient: optimizer 0's parameters
+HUGE_BATCH = 3  # with two optimizers, a finite but exploding head gradient: optimizer 1's, checked after 0 stepped
 
 
 class Manual(TinyGPTModule):
@@ -33,15 +36,17 @@ class Manual(TinyGPTModule):
     def training_step(self, batch, batch_idx):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for optimizer in optimizers:
-            optimizer.zero_grad()
         loss, per_example = self._losses(batch)
         self.manual_backward(loss)
         if batch_idx == NAN_BATCH:
             self.model.transformer.h[1].mlp.c_fc.weight.grad.view(-1)[:3] = float("nan")
+        if batch_idx == HUGE_BATCH and self.n_optimizers == 2:
+            self.model.lm_head.weight.grad.mul_(1e6)
+            self.head_before = self.model.lm_head.weight.detach().clone()
         self.norms[batch_idx] = independent_group_norms(self)["total"]
         for optimizer in optimizers:
             optimizer.step()
+            optimizer.zero_grad()  # the usual manual loop: gradients are gone (None) by the end of the batch
         return {"loss": loss.detach(), "per_example_loss": per_example.detach()}
 
 
@@ -69,8 +74,13 @@ def test_manual_optimization_is_measured_alerted_and_skipped(tmp_path, optimizer
         for batch, expected in model.norms.items():
             if batch != NAN_BATCH:
                 assert logged[batch_steps[batch]] == pytest.approx(expected, rel=1e-5)
+    assert sorted(scalars(events, "llmdbg/update_ratio/block_0")) == batch_steps
     assert sorted(scalars(events, "llmdbg/act/block_0/rms")) == batch_steps
     assert [e.step for e in events.Tensors("llmdbg/hard_examples/text_summary")] == batch_steps
-    assert {a.step for a in seen} == {batch_steps[NAN_BATCH]} and any(a.group == "block_1" for a in seen)
+    assert {a.step for a in seen if a.rule == "nonfinite"} == {batch_steps[NAN_BATCH]}
+    assert any(a.group == "block_1" for a in seen)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN update was skipped
+    if optimizers == 2:  # GradientMonitor's norm of optimizer 1's groups exceeds the ceiling: its update is skipped
+        assert {(a.step, a.group) for a in seen if a.rule == "exploding_gradient"} >= {(batch_steps[HUGE_BATCH], "head")}
+        assert torch.equal(model.model.lm_head.weight, model.head_before)
     assert count_hooks(model) == 0
