@@ -231,8 +231,8 @@ class TimedGradientMonitor(GradientMonitor):
     def _measure(self, plan):
         return self._timed("measure", super()._measure, plan)
 
-    def _emit(self, step, values, details):
-        return self._timed("write", super()._emit, step, values, details)
+    def _emit(self, step, values, details, **kwargs):
+        return self._timed("write", lambda: super(TimedGradientMonitor, self)._emit(step, values, details, **kwargs))
 
 
 def make_trainer(steps: int, loggers: list, callbacks: list) -> pl.Trainer:
@@ -364,6 +364,7 @@ def main() -> None:
         slow_arms = {k: make() for k, make in SLOW_INTERVAL_ARMS.items() if k in chosen}
         arms = run_arms(fast_arms, args, args.block, args.cycles, log_root) if fast_arms else empty
         slow = run_arms(slow_arms, args, 100, args.slow_cycles, log_root) if slow_arms else empty
+        print(json.dumps({"arms": {**arms["arms"], **slow["arms"]}}, indent=2), flush=True)  # kept if what follows fails
         cost = run_sampled_step_cost(args, log_root) if "sampled_step_cost" in chosen else {}
 
     results = {
