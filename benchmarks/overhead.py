@@ -228,8 +228,8 @@ class TimedGradientMonitor(GradientMonitor):
         self._timed("floor", lambda: torch.stack(torch._foreach_norm(grads)).cpu())
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def _measure(self, plan):
-        return self._timed("measure", super()._measure, plan)
+    def _measure(self, plan, without):
+        return self._timed("measure", super()._measure, plan, without)
 
     def _emit(self, step, values, details, **kwargs):
         return self._timed("write", lambda: super(TimedGradientMonitor, self)._emit(step, values, details, **kwargs))

@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_llmdbg import LLMDebugger  # noqa: E402
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule  # noqa: E402
+from lightning_llmdbg.testing.hooks import count_hooks  # noqa: E402
 
 CONFIG = dict(vocab_size=256, block_size=32, n_layer=3, n_head=4, n_embd=32)
 
@@ -34,11 +35,6 @@ def resident_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
-
-
-def module_hooks(module: torch.nn.Module) -> int:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return sum(len(getattr(m, n)) for m in module.modules() for n in names)
 
 
 def folder_bytes(path: Path) -> int:
@@ -59,7 +55,7 @@ class Record(pl.Callback):
             self.rows.append({
                 "step": step,
                 "rss_mb": round(resident_mb(), 1),
-                "hooks": module_hooks(pl_module),
+                "hooks": count_hooks(pl_module),
                 "log_bytes": folder_bytes(self.log_dir),
                 "seconds": round(time.perf_counter() - self.start, 1),
             })
@@ -83,7 +79,7 @@ def soak(steps: int, out: Path, every: int = 100, defaults: bool = False) -> lis
         max_steps=steps, logger=logger, callbacks=[debugger, record], accelerator="cpu", devices=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
     )
-    record.rows.append({"step": 0, "rss_mb": round(resident_mb(), 1), "hooks": module_hooks(model), "log_bytes": 0, "seconds": 0.0})
+    record.rows.append({"step": 0, "rss_mb": round(resident_mb(), 1), "hooks": count_hooks(model), "log_bytes": 0, "seconds": 0.0})
     trainer.fit(model, data)
     return record.rows
 

@@ -15,6 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_llmdbg.testing import GPTConfig, PydocDataModule, TinyGPTModule
+from lightning_llmdbg.testing.hooks import count_hooks  # noqa: F401 - the tests import it from here
 
 SMALL = dict(vocab_size=256, block_size=32, n_layer=3, n_head=4, n_embd=32)
 
@@ -68,11 +69,13 @@ def reference_group_of(name: str) -> str:
 
 
 def independent_group_norms(module: torch.nn.Module) -> dict[str, float]:
-    """Float64 L2 norms of each group's concatenated gradient, and the total."""
+    """Float64 L2 norms of each group's concatenated gradient, and the total (of full tensors under FSDP2, where
+    gathering each DTensor gradient is a collective: call it on every rank)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for name, p in module.named_parameters():
         if p.grad is not None:
-            parts.setdefault(reference_group_of(name), []).append(p.grad.detach().double().flatten())
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            parts.setdefault(reference_group_of(name), []).append(grad.detach().double().flatten())
     norms = {g: torch.cat(v).norm().item() for g, v in parts.items()}
     norms["total"] = torch.cat([torch.cat(v) for v in parts.values()]).norm().item()
     return norms
@@ -86,19 +89,6 @@ class RecordGradNorms(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.by_step[trainer.global_step] = independent_group_norms(pl_module)
-
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def count_hooks(module: torch.nn.Module) -> int:
-    """Forward, forward-pre, backward and backward-pre hooks over every submodule, plus the global module hooks."""
-    from torch.nn.modules import module as module_globals
-
-    own = sum(len(getattr(m, d)) for m in module.modules() for d in HOOK_DICTS)
-    global_hooks = (module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
-                    module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks)
-    return own + sum(map(len, global_hooks))
 
 
 def assert_close(actual: float, expected: float, rel: float, what: str = "") -> None:

@@ -238,10 +238,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             return
         if self._pending_step is not None and self._pending_step != step:
             self._acc = _Accumulator()  # a sampled step that never reached its optimizer step (skipped by AMP)
-            for module in self._targets.values():
-                buffer = getattr(module, GRADIENT_SLOT, None)
-                if buffer is not None:
-                    buffer.zero_()
+            for _, buffer in self._gradient_buffers():
+                buffer.zero_()
         self._pending_step = step
         self._attach()
 
@@ -341,11 +339,13 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _file_gradients(self) -> None:
         # Every buffer, without looking at its count (that would be a host sync per module): a module whose
         # gradient hook never ran adds a zero count, and `_finish` leaves it out.
-        for key, module in self._targets.items():
-            buffer = getattr(module, GRADIENT_SLOT, None)
-            if buffer is not None:
-                self._acc.add(f"grad/{key}", buffer.clone())
-                buffer.zero_()
+        for key, buffer in self._gradient_buffers():
+            self._acc.add(f"grad/{key}", buffer.clone())
+            buffer.zero_()
+
+    def _gradient_buffers(self) -> list[tuple[str, Tensor]]:
+        buffers = [(key, getattr(module, GRADIENT_SLOT, None)) for key, module in self._targets.items()]
+        return [(key, buffer) for key, buffer in buffers if buffer is not None]
 
     def _remove_slots(self) -> None:
         modules = [m for _, _, m in self._probed()] + list(self._targets.values())

@@ -179,13 +179,13 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         plan = self._plans.get(id(optimizer))
         if plan is None or not self.schedule.is_sampled(step) or id(optimizer) in self._measured:
             return
-        if all(p.grad is None for p in plan.params):
+        # Taken now, for the update ratios too: a manual loop may zero the gradients right after `optimizer.step()`.
+        without = _groups_without_gradients(plan)
+        if len(without) == plan.num_groups:
             return  # no backward ran (training_step returned None): nothing to measure, and no zero to report
         self._measured.add(id(optimizer))
-        values, details, param_sumsq = self._measure(plan)
+        values, details, param_sumsq = self._measure(plan, without)
         if self.update_ratio:
-            # Which groups had gradients, now: a manual loop may zero them right after `optimizer.step()`.
-            without = _groups_without_gradients(plan)
             self._pending_updates[id(optimizer)] = (plan, step, self._snapshot(plan), param_sumsq, without)
         if step != self.last_sampled_step:
             self._count_sample(step)
@@ -256,9 +256,10 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         distributed.reduce_sharded(sumsq, maxes, plan.shard_keys, plan.shard_positions)
         return sumsq[0], maxes
 
-    def _measure(self, plan: _Plan) -> tuple[dict[str, float], dict[str, Any], Tensor | None]:
-        """All statistics of a sampled step; returns the keyed values, details, and per-parameter sums of squares
-        of the parameters (None unless needed) so that the update ratio does not measure them again."""
+    def _measure(self, plan: _Plan, without: set[str]) -> tuple[dict[str, float], dict[str, Any], Tensor | None]:
+        """All statistics of a sampled step (none for the groups in ``without``, which got no gradient); returns the
+        keyed values, details, and per-parameter sums of squares of the parameters (None unless needed) so that the
+        update ratio does not measure them again."""
         grads = [p.grad for p in plan.params]
         G = plan.num_groups
         grad_sumsq, grad_max = self._per_param(plan, grads, absmax=self.absmax)
@@ -303,7 +304,7 @@ class GradientMonitor(SampledStepCounters, Callback, SignalSource):
         values.update({f"{PREFIX}/grad_nonfinite/{g}": float(v) for g, v in zip(plan.group_names, nonfinite_groups)})
         # A group none of whose parameters got a gradient this step (unused in the forward pass) has no norm: a 0
         # would read as a vanishing gradient.
-        for g in _groups_without_gradients(plan):
+        for g in without:
             for family in ("grad_norm", "grad_absmax", "grad_nonfinite"):
                 values.pop(f"{PREFIX}/{family}/{g}", None)
         if self.histograms:

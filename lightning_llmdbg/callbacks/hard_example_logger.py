@@ -216,11 +216,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
         self._table = DynamicsTable("cpu") if self.dynamics else None
         self._embedding_module: nn.Module | None = None
         self._inspect = True
-        self._warned: set[str] = set()
-        self._off = False  # switched off for the run: no per-example losses to rank
-        self._losses_checked = False
-        self._collected_any = False
-        self._nonfinite_losses: Tensor | None = None  # on the device: NaN per-example losses left out of the ranking
+        self._reset_run_flags()
         self._writers: Writers | None = None
         self._clear_windows()
 
@@ -230,8 +226,7 @@ class HardExampleLogger(SampledStepCounters, Callback):
             self._writers = Writers.for_trainer(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._off, self._losses_checked, self._collected_any = False, False, False
-        self._nonfinite_losses, self._warned = None, set()
+        self._reset_run_flags()
         if self._table is not None:
             self._table.to(trainer.strategy.root_device)
         self._inspect = True
@@ -369,6 +364,14 @@ class HardExampleLogger(SampledStepCounters, Callback):
     def _clear_windows(self) -> None:
         self._windows = {b: (torch.empty(0), {}) for b in self._buffers}
         self._window_batches = 0
+
+    def _reset_run_flags(self) -> None:
+        """What one fit learns about its inputs, forgotten when the next fit starts."""
+        self._warned: set[str] = set()
+        self._off = False  # switched off for the run: no per-example losses to rank
+        self._losses_checked = False
+        self._collected_any = False
+        self._nonfinite_losses: Tensor | None = None  # on the device: NaN per-example losses left out of the ranking
 
     def _switch_off(self, reason: str) -> None:
         self._off = True

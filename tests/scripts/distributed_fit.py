@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger  # noqa: E402
 from lightning_llmdbg.testing import PydocDataModule, TinyGPTModule  # noqa: E402
-from tests.helpers import small_data, small_gpt, trainer_kwargs  # noqa: E402
+from tests.helpers import RecordGradNorms, small_data, small_gpt, trainer_kwargs  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -50,21 +50,16 @@ class ShardedGPT(TinyGPTModule):
         fully_shard(self.model, mesh=mesh)
 
 
-class RecordTotalNorm(pl.Callback):
-    """The total gradient norm where GradientMonitor measures it, from full float64 gradients."""
+class RecordTotalNorm(RecordGradNorms):
+    """The independent norms where GradientMonitor measures them; rank zero writes the totals at the end."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
-        self.by_step: dict[int, float] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]  # a collective on every rank
-        self.by_step[trainer.global_step] = torch.cat([g.detach().double().flatten() for g in full]).norm().item()
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            self.path.write_text(json.dumps(self.by_step))
+            self.path.write_text(json.dumps({step: norms["total"] for step, norms in self.by_step.items()}))
 
 
 def precision_settings(precision: str) -> dict:
