@@ -23,8 +23,8 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Fused attention; with ``return_attention`` set it also computes the attention probabilities (without
-    gradient) and returns ``(output, probabilities [B, H, T, T], largest attention logit)``: the first two as
+    """Fused attention (``scaled_dot_product_attention``); with ``return_attention`` set, eager attention that
+    returns ``(output, probabilities [B, H, T, T] without gradient, largest attention logit)``: the first two as
     Hugging Face eager attention returns them (ActivationProbe sets it on sampled steps only)."""
 
     def __init__(self, config: GPTConfig) -> None:
@@ -41,17 +41,20 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        out = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        dropout = self.dropout if self.training else 0.0
         if not self.return_attention:
-            return out
-        with torch.no_grad():  # the same probabilities the fused kernel used, outside the graph
-            # An additive -inf mask: adding a broadcast [T, T] tensor is about twice as fast on CPU as masked_fill_.
-            causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
-            scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(k.shape[-1])).add_(causal)
-            probs = scores.softmax(dim=-1)
-        logit_max = scores.amax() if scores.numel() else scores.new_full((), float("-inf"))  # an empty batch
-        return out, probs, logit_max
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        # Eager attention, as Hugging Face's `attn_implementation="eager"`: the output is made of the probabilities
+        # returned. In a CPU training step it costs a few percent over the fused kernel, where the fused kernel
+        # followed by a separate, gradient-free probability pass cost 8% (BENCHMARKS.md).
+        causal = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu_(1)
+        scores = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=1.0 / math.sqrt(k.shape[-1]))
+        logit_max = scores.detach().amax() if scores.numel() else scores.new_full((), float("-inf"))  # an empty batch
+        probs = scores.softmax(dim=-1)
+        y = torch.bmm(F.dropout(probs, p=dropout) if dropout else probs, v.flatten(0, 1))
+        out = self.c_proj(y.view(B, self.n_head, T, C // self.n_head).transpose(1, 2).contiguous().view(B, T, C))
+        return out, probs.detach().view(B, self.n_head, T, T), logit_max
 
 
 class MLP(nn.Module):
