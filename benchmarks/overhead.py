@@ -24,6 +24,7 @@ result moved to the host.
 
     python benchmarks/overhead.py                               # the numbers in BENCHMARKS.md
     python benchmarks/overhead.py --cycles 2 --slow-cycles 2 --batch-size 4   # a quick look
+    python benchmarks/overhead.py --arms activation_probe_every_block_every_step --width 384   # a wider model
 """
 
 from __future__ import annotations
@@ -250,9 +251,9 @@ def make_trainer(steps: int, loggers: list, callbacks: list) -> pl.Trainer:
     )
 
 
-def model_and_data(steps: int, batch_size: int) -> tuple[TinyGPTModule, PydocDataModule]:
+def model_and_data(steps: int, batch_size: int, width: int | None = None) -> tuple[TinyGPTModule, PydocDataModule]:
     pl.seed_everything(0, verbose=False)
-    model = TinyGPTModule(GPTConfig())
+    model = TinyGPTModule(GPTConfig() if width is None else GPTConfig(n_embd=width, n_head=width // 32))
     return model, PydocDataModule(block_size=model.config.block_size, batch_size=batch_size, train_samples=steps * batch_size)
 
 
@@ -267,7 +268,7 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
         cb.schedule = getattr(cb, "schedule", schedule)
     timer = StepTimes()
     callbacks = [OnlyInArm(cb, arm, schedule) for arm, cb in arms.items()] + [timer]
-    model, data = model_and_data(schedule.steps, args.batch_size)
+    model, data = model_and_data(schedule.steps, args.batch_size, args.width)
     loggers = [TensorBoardLogger(log_root, name="arms")]
     if any(isinstance(cb, WandbWatchAll) for cb in arms.values()):
         from pytorch_lightning.loggers import WandbLogger
@@ -335,7 +336,7 @@ def run_sampled_step_cost(args: argparse.Namespace, log_root: str) -> dict:
     out = {}
     for name, kwargs in {"defaults": {}, "grad_norm_only": {"absmax": False, "param_norm": False}}.items():
         monitor = TimedGradientMonitor(every_n_steps=1, **kwargs)
-        model, data = model_and_data(60, args.batch_size)
+        model, data = model_and_data(60, args.batch_size, args.width)
         make_trainer(60, [TensorBoardLogger(log_root, name=f"timed_{name}")], [monitor]).fit(model, data)
         out[name] = {what: statistics.median(ms[10:]) for what, ms in monitor.timings.items()}
     return out
@@ -347,6 +348,7 @@ def main() -> None:
     parser.add_argument("--slow-cycles", type=int, default=6, help="cycles of the 100-step arms (default: %(default)s)")
     parser.add_argument("--block", type=int, default=25, help="steps per block (a multiple of 25)")
     parser.add_argument("--batch-size", type=int, default=16, help="the demo's batch (default: %(default)s)")
+    parser.add_argument("--width", type=int, help="the reference GPT's n_embd, heads of 32 (default: the reference GPT, 192)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all); 'sampled_step_cost' for the in-place timing")
     args = parser.parse_args()
@@ -376,7 +378,8 @@ def main() -> None:
         "sampled_step_cost_ms": cost,
     }
     print(json.dumps(results, indent=2))
-    print(f"\n{results['machine']}; reference GPT (1.9M parameters), batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
+    size = "1.9M parameters" if args.width is None else f"width {args.width}"
+    print(f"\n{results['machine']}; reference GPT ({size}), batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
     print("| configuration | step time / plain Trainer | 95% interval |\n|---|---|---|")
     for arm, r in results["arms"].items():
         print(f"| {arm} ({r['blocks']} blocks of {results['blocks'][arm]} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")
