@@ -66,8 +66,9 @@ GRADIENT_SLOT = "_llmdbg_grad"  # a float64 [sum of squares, count] buffer, adde
 
 
 def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None) -> tuple:
-    """A module's partial sums over its calls within a step (a module called twice adds up; a call with another
-    width is left out, as the accumulator does)."""
+    """``(sums, maxes)`` added to ``previous``: one rule for a module called twice in a forward pass (its slot) and
+    for a step's micro-batches (the accumulator). A call with another width is left out; the accumulator warns
+    about it, a hook cannot (a warning would break a compiled graph)."""
     if previous is None:
         return (sums, maxes)
     if previous[0].shape != sums.shape:
@@ -89,16 +90,14 @@ class _Accumulator:
     maxes: dict[str, Tensor] = field(default_factory=dict)
 
     def add(self, key: str, sums: Tensor, maxes: Tensor | None = None) -> None:
-        if key not in self.sums:
-            self.sums[key] = sums.clone()
-            if maxes is not None:
-                self.maxes[key] = maxes.clone()
-        elif self.sums[key].shape == sums.shape:
-            self.sums[key] += sums
-            if maxes is not None:
-                self.maxes[key] = torch.maximum(self.maxes[key], maxes)
-        else:  # a module called again with another width: keep the first, never stop training over it
-            rank_zero_warn(f"ActivationProbe: {key} changed width within a step ({tuple(self.sums[key].shape)} then {tuple(sums.shape)}); the later call is left out.")
+        previous = (self.sums[key], self.maxes.get(key)) if key in self.sums else None
+        if previous is not None and previous[0].shape != sums.shape:
+            # A module called again with another width: keep the first, never stop training over it.
+            rank_zero_warn(f"ActivationProbe: {key} changed width within a step ({tuple(previous[0].shape)} then {tuple(sums.shape)}); the later call is left out.")
+            return
+        self.sums[key], merged_maxes = _merged(previous, sums, maxes)
+        if merged_maxes is not None:
+            self.maxes[key] = merged_maxes
 
 
 class ActivationProbe(SampledStepCounters, Callback, SignalSource):

@@ -308,3 +308,17 @@ def test_a_users_return_attention_setting_is_restored(tmp_path):
     model.model.transformer.h[0].attn.return_attention = True  # the user wants the weights themselves
     _gpt_fit(tmp_path, ActivationProbe(every_n_steps=1), model, max_steps=1)
     assert [b.attn.return_attention for b in model.model.transformer.h] == [True, False, False]
+
+
+def test_micro_batch_partials_add_up_and_a_width_change_is_left_out_with_a_warning():
+    from lightning_llmdbg.callbacks.activation_probe import _Accumulator
+
+    acc = _Accumulator()
+    acc.add("act/block_0", torch.tensor([1.0, 2.0]), torch.tensor([3.0]))
+    acc.add("act/block_0", torch.tensor([10.0, 20.0]), torch.tensor([-5.0]))
+    with pytest.warns(UserWarning, match=r"act/block_0 changed width within a step \(\(2,\) then \(3,\)\)"):
+        acc.add("act/block_0", torch.tensor([1.0, 1.0, 1.0]), torch.tensor([99.0]))
+    assert acc.sums["act/block_0"].tolist() == [11.0, 22.0]
+    assert acc.maxes["act/block_0"].tolist() == [3.0]
+    acc.add("grad/block_0", torch.tensor([4.0, 2.0]))
+    assert "grad/block_0" not in acc.maxes and acc.sums["grad/block_0"].tolist() == [4.0, 2.0]
