@@ -124,56 +124,73 @@ def _nonempty_span(lo: float, hi: float) -> tuple[float, float]:
 OUTLIER_MAGNITUDE = 6.0
 OUTLIER_FRACTION = 0.06
 
-# Sums that add up across micro-batches and ranks: [rows, elements, Σx, Σx², Σx³, Σx⁴, zeros], then per channel
-# Σx² (C) and the count of |x| >= 6 (C). Maxima: [max |x|], then per channel max x (C).
-ACT_SCALARS = 7
+# Partial sums of one activation about a shift m, its own mean: [rows, elements, m, Σd³, Σd⁴, non-zeros], then per
+# channel Σd (C), Σd² (C) and the count of |x| >= 6 (C), with d = x − m. Partials about one shift add up; partials
+# from micro-batches and ranks are moved to shift 0 first (`add_activation_partials`). Maxima: [max |x|], then per
+# channel max x (C).
+ACT_SCALARS = 6
 
 
 def activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
     """Partial sums (float64) and maxima (float32) of one activation ``[..., C]``; see :func:`activation_stats`.
 
-    The moments leave as raw float64 sums, so that they add up across micro-batches and ranks. They are taken in
-    float32 about the tensor's own mean and shifted to raw sums in float64 afterwards: summing powers of centred
-    values keeps the precision that raw float32 powers would lose when the mean is large against the spread
-    (a channel at 100 ± 1), without a float64 copy of the activation. Each reduction is a float32 cascade sum
-    (``sum(dtype=float64)`` would copy the tensor to float64 first); temporaries live for this call only.
+    The powers are summed about the tensor's own mean: summing powers of centred values keeps the precision that
+    raw float32 powers would lose when the mean is large against the spread (a channel at 100 ± 1), without a
+    float64 copy of the activation. The sums stay about that mean; the host moves them to the moments it reports
+    (:func:`activation_stats`), so a hook runs no scalar float64 arithmetic (that was a quarter of its time).
+    The even powers are float32 cascade sums (``sum(dtype=float64)`` would copy the tensor to float64 first).
+    Temporaries live for this call only.
     """
     flat = x.detach().reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    rows = flat.shape[0]
     shift = flat.mean()
     d = flat - shift
     d2 = d * d
     channel_d1, channel_d2 = d.sum(0), d2.sum(0)
-    # Two temporaries for the whole call: the later passes write into the buffers of the earlier ones. (A float32
-    # BLAS dot would skip a pass but lose the cascade sum's precision: kurtosis off by 4e-5 on 6M values.)
-    d3 = d.mul_(d2).sum()
-    d4 = d2.square_().sum()
-    absolute = torch.abs(flat, out=d)
-    absmax = absolute.amax().float().reshape(1)
-    outliers = absolute.ge_(OUTLIER_MAGNITUDE).sum(0).double()
-    nonzeros = torch.ne(flat, 0, out=d2).sum().double()
-    channel_max = flat.amax(0).float()
+    # Σd³ as a BLAS dot: one read pass where a product and its sum are three. Its float32 rounding does not reach
+    # the kurtosis: about the mean, Σd³ enters the fourth central moment multiplied by Σd / n, which is ~0.
+    # Σd⁴ stays a cascade sum (a dot puts the kurtosis 4e-5 off on 6M values).
+    d3 = torch.dot(d.view(-1), d2.view(-1))
+    d4 = torch.mul(d2, d2, out=d).sum()
+    channel_max, channel_min = flat.amax(0), flat.amin(0)
+    absmax = torch.maximum(channel_max.max(), channel_min.min().neg()).reshape(1)
+    if flat.is_cpu and not torch.compiler.is_compiling() and absmax.item() < OUTLIER_MAGNITUDE:
+        # On the CPU a scalar read costs nothing (on a GPU it would wait for the device), and many layers have no
+        # value at the outlier magnitude: their count is zero without its three passes.
+        outliers = torch.zeros(flat.shape[1], dtype=torch.float64)
+    else:
+        outliers = torch.abs(flat, out=d2).ge_(OUTLIER_MAGNITUDE).sum(0).double()
+    nonzeros = torch.ne(flat, 0, out=d).sum()
+    # The counts are float64 from the start (float32 is exact to 2^24 only), filled on the device: no host copy.
+    counts = torch.full((2,), float(flat.numel()), dtype=torch.float64, device=flat.device)
+    counts[0] = flat.shape[0]
+    moments = torch.cat([torch.stack([shift, d3, d4, nonzeros]), channel_d1, channel_d2]).double()
+    return torch.cat([counts, moments, outliers]), torch.cat([absmax, channel_max]).float()
 
-    m, n = shift.double(), float(flat.numel())
-    d1, d2_sum, d3, d4 = channel_d1.sum().double(), channel_d2.sum().double(), d3.double(), d4.double()
-    raw = torch.stack(
-        [
-            d1 + n * m,
-            d2_sum + 2 * m * d1 + n * m**2,
-            d3 + 3 * m * d2_sum + 3 * m**2 * d1 + n * m**3,
-            d4 + 4 * m * d3 + 6 * m**2 * d2_sum + 4 * m**3 * d1 + n * m**4,
-        ]
-    )
-    channel_sq = channel_d2.double() + 2 * m * channel_d1.double() + rows * m**2
-    counts = torch.stack([torch.full_like(m, rows), torch.full_like(m, n)])  # filled on the device: no host copy
-    sums = torch.cat([counts, raw, (n - nonzeros).reshape(1), channel_sq, outliers])
-    return sums, torch.cat([absmax, channel_max])
+
+def activation_partials_about_zero(sums: Tensor) -> Tensor:
+    """The same partial sums moved to shift 0 (raw power sums, in float64), which add up whatever their shifts."""
+    rows, n, m, d3, d4 = sums[0], sums[1], sums[2], sums[3], sums[4]
+    channels = (sums.numel() - ACT_SCALARS) // 3
+    channel_d1 = sums[ACT_SCALARS : ACT_SCALARS + channels]
+    channel_d2 = sums[ACT_SCALARS + channels : ACT_SCALARS + 2 * channels]
+    d1, d2 = channel_d1.sum(), channel_d2.sum()
+    raw3 = d3 + 3 * m * d2 + 3 * m**2 * d1 + n * m**3
+    raw4 = d4 + 4 * m * d3 + 6 * m**2 * d2 + 4 * m**3 * d1 + n * m**4
+    head = torch.stack([rows, n, torch.zeros_like(m), raw3, raw4, sums[5]])
+    channel_raw1 = channel_d1 + rows * m
+    channel_raw2 = channel_d2 + 2 * m * channel_d1 + rows * m**2
+    return torch.cat([head, channel_raw1, channel_raw2, sums[ACT_SCALARS + 2 * channels :]])
+
+
+def add_activation_partials(a: Tensor, b: Tensor) -> Tensor:
+    """Partial sums of two parts of one activation (micro-batches, ranks, or two calls of one module), added."""
+    return activation_partials_about_zero(a) + activation_partials_about_zero(b)
 
 
 def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
-    """Statistics from (reduced) partials, on the host.
+    """Statistics from (added up) partials, on the host.
 
     - ``mean``, ``std`` (population), ``rms``, ``absmax`` over all values;
     - ``zero_frac``: fraction of exact zeros;
@@ -182,27 +199,31 @@ def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
     - ``channel_kurtosis``: E[r⁴] / E[r²]² over the per-channel RMS r (1 when all channels have the same scale);
     - ``kurtosis``: E[(x-μ)⁴] / σ⁴ of the values (3 for a Gaussian).
     """
-    # NumPy on the host: a dozen small reductions cost microseconds there, where each torch call costs ten.
-    sums = sums.detach().double().cpu().numpy()
-    maxes = maxes.detach().double().cpu().numpy()
-    channels = (sums.size - ACT_SCALARS) // 2
-    rows, n, s1, s2, s3, s4, zeros = sums[:ACT_SCALARS].tolist()
-    channel_sq = sums[ACT_SCALARS : ACT_SCALARS + channels]
-    outlier_counts = sums[ACT_SCALARS + channels :]
-    mean, ex2, ex3, ex4 = s1 / n, s2 / n, s3 / n, s4 / n
-    var = max(ex2 - mean * mean, 0.0)
-    m4 = ex4 - 4 * mean * ex3 + 6 * mean * mean * ex2 - 3 * mean**4
-    channel_ms = channel_sq / rows  # per-channel mean square = r²
-    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero channels: NaN, as 0/0 is
-        channel_kurtosis = float((channel_ms * channel_ms).mean() / channel_ms.mean() ** 2)
+    # NumPy on the host, a few whole-vector calls: each torch call costs ten microseconds, each NumPy call one.
+    sums = sums.detach().cpu().numpy().astype(np.float64, copy=False)
+    maxes = maxes.detach().cpu().numpy().astype(np.float64, copy=False)
+    channels = (sums.size - ACT_SCALARS) // 3
+    rows, n, m, s3, s4, nonzeros = sums[:ACT_SCALARS].tolist()
+    channel_s1 = sums[ACT_SCALARS : ACT_SCALARS + channels]
+    channel_s2 = sums[ACT_SCALARS + channels : ACT_SCALARS + 2 * channels]
+    outlier_counts = sums[ACT_SCALARS + 2 * channels :]
+    # Central moments from the sums about m: with δ = E[x − m], E[(x − μ)^k] follows from E[(x − m)^j], j <= k.
+    delta, e2, e3, e4 = float(channel_s1.sum()) / n, float(channel_s2.sum()) / n, s3 / n, s4 / n
+    mean = m + delta
+    var = max(e2 - delta * delta, 0.0)
+    m4 = e4 - 4 * delta * e3 + 6 * delta * delta * e2 - 3 * delta**4
+    channel_ms = (channel_s2 + 2 * m * channel_s1) / rows + m * m  # per-channel mean square = r²
+    ms_sum, ms_sq_sum = float(channel_ms.sum()), float(np.dot(channel_ms, channel_ms))
+    # All-zero channels: NaN, as 0/0 is.
+    channel_kurtosis = ms_sq_sum * channels / (ms_sum * ms_sum) if ms_sum else float("nan")
     return {
         "mean": mean,
         "std": math.sqrt(var),
-        "rms": math.sqrt(ex2),
+        "rms": math.sqrt(max(var + mean * mean, 0.0)),
         "absmax": float(maxes[0]),
-        "zero_frac": zeros / n,
-        "dead_frac": float((maxes[1:] <= 0).mean()),
-        "outliers": float((outlier_counts / rows >= OUTLIER_FRACTION).sum()),
+        "zero_frac": (n - nonzeros) / n,
+        "dead_frac": int(np.count_nonzero(maxes[1:] <= 0)) / channels,
+        "outliers": float(np.count_nonzero(outlier_counts >= OUTLIER_FRACTION * rows)),
         "channel_kurtosis": channel_kurtosis,
         "kurtosis": m4 / (var * var) if var > 0 else float("nan"),
     }
@@ -243,9 +264,12 @@ def attention_stats(partials: Tensor) -> dict[str, float]:
 def logit_partials(logits: Tensor) -> tuple[Tensor, Tensor]:
     """``[Σ logsumexp², positions]`` and ``[max logit]`` of output logits ``[..., V]``."""
     logits = logits.detach().float()
-    lse = torch.logsumexp(logits, dim=-1)
-    sums = torch.stack([(lse * lse).sum(dtype=torch.float64), torch.tensor(float(lse.numel()), dtype=torch.float64, device=lse.device)])
-    return sums, logits.amax().reshape(1)
+    # logsumexp written out, so that its row maxima also give the largest logit (one pass fewer).
+    row_max = logits.amax(dim=-1, keepdim=True)
+    offset = row_max.nan_to_num(0.0, posinf=0.0, neginf=0.0)  # as logsumexp: ±inf rows give ±inf, not NaN
+    lse = torch.sub(logits, offset).exp_().sum(-1).log_().add_(offset.squeeze(-1))
+    positions = torch.full((), float(lse.numel()), dtype=torch.float64, device=lse.device)
+    return torch.stack([(lse * lse).sum(dtype=torch.float64), positions]), row_max.amax().reshape(1)
 
 
 # Fixed, data-independent histogram edges, so that histograms from micro-batches and ranks add up:

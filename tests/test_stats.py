@@ -73,9 +73,16 @@ def test_activation_partials_add_up_over_parts():
     x = torch.randn(6, 5, 8, generator=g) * 3
     whole = stats.activation_stats(*stats.activation_partials(x))
     (s1, m1), (s2, m2) = stats.activation_partials(x[:2]), stats.activation_partials(x[2:])
-    merged = stats.activation_stats(s1 + s2, torch.maximum(m1, m2))
+    merged = stats.activation_stats(stats.add_activation_partials(s1, s2), torch.maximum(m1, m2))
     # Each part is centred on its own mean in float32, so the parts agree with the whole to float32 precision.
     assert all(math.isclose(merged[k], whole[k], rel_tol=1e-6) for k in whole), (merged, whole)
+    # Partials about different means do not add as they are; moved to shift 0 they do, and say the same.
+    assert s1[2] != s2[2]
+    sums, maxes = stats.activation_partials(x)
+    raw = stats.activation_partials_about_zero(sums)
+    channel_sums = raw[stats.ACT_SCALARS : stats.ACT_SCALARS + x.shape[-1]]
+    assert raw[2] == 0 and torch.allclose(channel_sums, x.double().sum(dim=(0, 1)), rtol=1e-6)
+    assert stats.activation_stats(raw, maxes) == pytest.approx(whole, rel=1e-9)
 
 
 def test_attention_entropy_of_uniform_and_one_hot_rows():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,15 +66,20 @@ SLOTS = {"act": "_llmdbg_act", "hist": "_llmdbg_hist", "attn": "_llmdbg_attn", "
 GRADIENT_SLOT = "_llmdbg_grad"  # a float64 [sum of squares, count] buffer, added to in place during backward
 
 
-def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None) -> tuple:
-    """``(sums, maxes)`` added to ``previous``: one rule for a module called twice in a forward pass (its slot) and
-    for a step's micro-batches (the accumulator). A call with another width is left out; the accumulator warns
-    about it, a hook cannot (a warning would break a compiled graph)."""
+def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None, add: Callable = operator.add) -> tuple:
+    """``(sums, maxes)`` added to ``previous`` with ``add``: one rule for a module called twice in a forward pass
+    (its slot) and for a step's micro-batches (the accumulator). A call with another width is left out; the
+    accumulator warns about it, a hook cannot (a warning would break a compiled graph)."""
     if previous is None:
         return (sums, maxes)
     if previous[0].shape != sums.shape:
         return previous
-    return (previous[0] + sums, previous[1] if maxes is None else torch.maximum(previous[1], maxes))
+    return (add(previous[0], sums), previous[1] if maxes is None else torch.maximum(previous[1], maxes))
+
+
+def _adder(key: str) -> Callable:
+    """How partials under ``key`` add up: activation partials are sums about each part's own mean."""
+    return stats.add_activation_partials if key.startswith("act/") else operator.add
 
 
 def _add_gradient_partials(buffer: Tensor, grad: Tensor) -> None:
@@ -95,7 +101,7 @@ class _Accumulator:
             # A module called again with another width: keep the first, never stop training over it.
             rank_zero_warn(f"ActivationProbe: {key} changed width within a step ({tuple(previous[0].shape)} then {tuple(sums.shape)}); the later call is left out.")
             return
-        self.sums[key], merged_maxes = _merged(previous, sums, maxes)
+        self.sums[key], merged_maxes = _merged(previous, sums, maxes, add=_adder(key))
         if merged_maxes is not None:
             self.maxes[key] = merged_maxes
 
@@ -357,7 +363,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         hidden = hidden_state(output)
         if hidden is None or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
             return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
-        module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden))
+        module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden), add=stats.add_activation_partials)
         if self.histograms:
             module._llmdbg_hist = _merged(module._llmdbg_hist, stats.fixed_histogram_partials(hidden))
         if self.gradients and hidden.requires_grad:
@@ -385,6 +391,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _finish(self, step: int) -> None:
         acc, self._acc = self._acc, _Accumulator()
         keys = self._expected_keys()
+        if distributed.is_distributed():  # ranks' activation partials are about their own means: to shift 0
+            acc.sums = {k: stats.activation_partials_about_zero(v) if k.startswith("act/") else v for k, v in acc.sums.items()}
         sums, maxes = distributed.reduce_partials(acc.sums, acc.maxes, keys, self._device)
         values: dict[str, float] = {}
         histograms = {}

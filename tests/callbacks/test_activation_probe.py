@@ -6,7 +6,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_llmdbg import ActivationProbe
+from lightning_llmdbg import ActivationProbe, stats
 from tests.helpers import assert_close, count_hooks, read_events, scalars, small_data, small_gpt, trainer_kwargs
 
 B, T, C = 4, 10, 20
@@ -314,11 +314,18 @@ def test_micro_batch_partials_add_up_and_a_width_change_is_left_out_with_a_warni
     from lightning_llmdbg.callbacks.activation_probe import _Accumulator
 
     acc = _Accumulator()
-    acc.add("act/block_0", torch.tensor([1.0, 2.0]), torch.tensor([3.0]))
-    acc.add("act/block_0", torch.tensor([10.0, 20.0]), torch.tensor([-5.0]))
-    with pytest.warns(UserWarning, match=r"act/block_0 changed width within a step \(\(2,\) then \(3,\)\)"):
-        acc.add("act/block_0", torch.tensor([1.0, 1.0, 1.0]), torch.tensor([99.0]))
-    assert acc.sums["act/block_0"].tolist() == [11.0, 22.0]
-    assert acc.maxes["act/block_0"].tolist() == [3.0]
+    acc.add("attn/block_0", torch.tensor([1.0, 2.0]), torch.tensor([3.0]))
+    acc.add("attn/block_0", torch.tensor([10.0, 20.0]), torch.tensor([-5.0]))
+    with pytest.warns(UserWarning, match=r"attn/block_0 changed width within a step \(\(2,\) then \(3,\)\)"):
+        acc.add("attn/block_0", torch.tensor([1.0, 1.0, 1.0]), torch.tensor([99.0]))
+    assert acc.sums["attn/block_0"].tolist() == [11.0, 22.0]
+    assert acc.maxes["attn/block_0"].tolist() == [3.0]
+    # Activation partials are sums about each micro-batch's own mean: they add up moved to shift 0.
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)) + 5
+    for part in (x[:1], x[1:]):
+        acc.add("act/block_0", *stats.activation_partials(part))
+    whole = stats.activation_stats(*stats.activation_partials(x))
+    merged = stats.activation_stats(acc.sums["act/block_0"], acc.maxes["act/block_0"])
+    assert merged == pytest.approx(whole, rel=1e-6)
     acc.add("grad/block_0", torch.tensor([4.0, 2.0]))
     assert "grad/block_0" not in acc.maxes and acc.sums["grad/block_0"].tolist() == [4.0, 2.0]
