@@ -107,6 +107,29 @@ def test_statistics_equal_an_independent_computation(tmp_path, accumulate):
     assert scalars(events, "llmdbg/act/block_0/dead_frac")[0] == 0.0
 
 
+class CalledTwice(KnownOutputs):
+    """Each block runs twice in one forward pass (as a weight-shared layer does), on two different inputs."""
+
+    def training_step(self, batch, batch_idx):
+        return sum((block(batch) ** 2).mean() + (block(batch + 5) ** 2).mean() for block in self.blocks)
+
+
+def test_a_module_called_twice_in_a_forward_pass_counts_both_calls(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=1, logger=logger, callbacks=[ActivationProbe(every_n_steps=1)], **trainer_kwargs())
+    trainer.fit(CalledTwice())
+    events = read_events(logger.log_dir)
+    for i, out in enumerate(_known_outputs()):
+        # The two calls' outputs differ in scale, so their partial sums are about different means.
+        joined = torch.cat([_batch_output(out, 0), _batch_output(out, 5)])
+        for stat, value in _independent_stats(joined).items():
+            logged = scalars(events, f"llmdbg/act/block_{i}/{stat}")[0]
+            if value == 0:
+                assert logged == 0, stat
+            else:
+                assert_close(logged, value, 1e-5, f"block_{i}/{stat}")
+
+
 def _gpt_fit(tmp_path, probe, model=None, max_steps=2, name="tb"):
     model = model or small_gpt()
     logger = TensorBoardLogger(str(tmp_path), name=name)
