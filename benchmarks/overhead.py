@@ -25,6 +25,7 @@ result moved to the host.
     python benchmarks/overhead.py                               # the numbers in BENCHMARKS.md
     python benchmarks/overhead.py --cycles 2 --slow-cycles 2 --batch-size 4   # a quick look
     python benchmarks/overhead.py --arms activation_probe_every_block_every_step --width 384   # a wider model
+    python benchmarks/overhead.py --hf-gpt2 --arms activation_probe_every_block_every_step,hf_gpt2_eager_attention_only
 """
 
 from __future__ import annotations
@@ -251,10 +252,20 @@ def make_trainer(steps: int, loggers: list, callbacks: list) -> pl.Trainer:
     )
 
 
-def model_and_data(steps: int, batch_size: int, width: int | None = None) -> tuple[TinyGPTModule, PydocDataModule]:
+def model_and_data(steps: int, batch_size: int, width: int | None = None, hf: bool = False) -> tuple[pl.LightningModule, PydocDataModule]:
+    """The reference GPT, or (``hf``) Hugging Face's GPT2LMHeadModel of the same shape under SDPA attention."""
     pl.seed_everything(0, verbose=False)
-    model = TinyGPTModule(GPTConfig() if width is None else GPTConfig(n_embd=width, n_head=width // 32))
-    return model, PydocDataModule(block_size=model.config.block_size, batch_size=batch_size, train_samples=steps * batch_size)
+    config = GPTConfig() if width is None else GPTConfig(n_embd=width, n_head=width // 32)
+    if hf:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("hf_gpt2", Path(__file__).resolve().parents[1] / "examples" / "hf_gpt2.py")
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        model = example.GPT2Bytes(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, block_size=config.block_size)
+    else:
+        model = TinyGPTModule(config)
+    return model, PydocDataModule(block_size=config.block_size, batch_size=batch_size, train_samples=steps * batch_size)
 
 
 def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int, cycles: int, log_root: str) -> dict:
@@ -268,7 +279,7 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
         cb.schedule = getattr(cb, "schedule", schedule)
     timer = StepTimes()
     callbacks = [OnlyInArm(cb, arm, schedule) for arm, cb in arms.items()] + [timer]
-    model, data = model_and_data(schedule.steps, args.batch_size, args.width)
+    model, data = model_and_data(schedule.steps, args.batch_size, args.width, args.hf_gpt2)
     loggers = [TensorBoardLogger(log_root, name="arms")]
     if any(isinstance(cb, WandbWatchAll) for cb in arms.values()):
         from pytorch_lightning.loggers import WandbLogger
@@ -320,10 +331,22 @@ class ReturnAttentionOnly(pl.Callback):
             block.attn.return_attention = False
 
 
+class HuggingFaceEagerAttention(pl.Callback):
+    """``--hf-gpt2`` only: the model under eager attention, what loading it with ``attn_implementation="eager"`` (so
+    that its attention modules return their weights) costs on every step, with no hook and no statistic."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        pl_module.model.config._attn_implementation = "eager"
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        pl_module.model.config._attn_implementation = "sdpa"
+
+
 ABLATION_ARMS = {  # blocks of 25 steps; only with --arms: where ActivationProbe's every-step cost goes
     "activation_probe_every_step_no_attention": lambda: ActivationProbe(every_n_steps=1, attention=False),
     "activation_probe_every_step_no_attention_no_logits": lambda: ActivationProbe(every_n_steps=1, attention=False, logits=False),
     "reference_gpt_returning_attention_only": lambda: ReturnAttentionOnly(),
+    "hf_gpt2_eager_attention_only": lambda: HuggingFaceEagerAttention(),
 }
 SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
     "activation_probe_default": lambda: ActivationProbe(),
@@ -336,7 +359,7 @@ def run_sampled_step_cost(args: argparse.Namespace, log_root: str) -> dict:
     out = {}
     for name, kwargs in {"defaults": {}, "grad_norm_only": {"absmax": False, "param_norm": False}}.items():
         monitor = TimedGradientMonitor(every_n_steps=1, **kwargs)
-        model, data = model_and_data(60, args.batch_size, args.width)
+        model, data = model_and_data(60, args.batch_size, args.width, args.hf_gpt2)
         make_trainer(60, [TensorBoardLogger(log_root, name=f"timed_{name}")], [monitor]).fit(model, data)
         out[name] = {what: statistics.median(ms[10:]) for what, ms in monitor.timings.items()}
     return out
@@ -349,6 +372,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=25, help="steps per block (a multiple of 25)")
     parser.add_argument("--batch-size", type=int, default=16, help="the demo's batch (default: %(default)s)")
     parser.add_argument("--width", type=int, help="the reference GPT's n_embd, heads of 32 (default: the reference GPT, 192)")
+    parser.add_argument("--hf-gpt2", action="store_true", help="Hugging Face's GPT2LMHeadModel of the same shape, SDPA attention")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--arms", help="comma-separated arm names to run (default: all); 'sampled_step_cost' for the in-place timing")
     args = parser.parse_args()
@@ -379,7 +403,8 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2))
     size = "1.9M parameters" if args.width is None else f"width {args.width}"
-    print(f"\n{results['machine']}; reference GPT ({size}), batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
+    model = "Hugging Face GPT-2 of the reference GPT's shape, SDPA attention" if args.hf_gpt2 else f"reference GPT ({size})"
+    print(f"\n{results['machine']}; {model}, batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
     print("| configuration | step time / plain Trainer | 95% interval |\n|---|---|---|")
     for arm, r in results["arms"].items():
         print(f"| {arm} ({r['blocks']} blocks of {results['blocks'][arm]} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")

@@ -5,7 +5,9 @@ byte-level, with the debugger attached. Needs the ``hf`` extra: ``pip install "l
     python examples/hf_gpt2.py --steps 20
 
 The blocks are found in ``transformer.h.*`` as GradientMonitor and ActivationProbe find them in any model;
-attention entropy comes from ``transformer.h.*.attn`` because the model runs eager attention.
+attention entropy comes from ``transformer.h.*.attn``. The model keeps Hugging Face's default SDPA attention, whose
+fused kernel never returns its weights: on sampled steps the probe forms them again from the queries and keys it
+passes to ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from lightning_llmdbg.testing import PydocDataModule  # noqa: E402
 
 
 class GPT2Bytes(pl.LightningModule):
-    """GPT-2 over bytes (vocabulary 256), eager attention so that attention probabilities can be probed."""
+    """GPT-2 over bytes (vocabulary 256), with Hugging Face's ``attn_implementation`` (``"sdpa"`` or ``"eager"``)."""
 
-    def __init__(self, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, block_size: int = 128, lr: float = 1e-3) -> None:
+    def __init__(
+        self, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, block_size: int = 128, lr: float = 1e-3, attention: str = "sdpa"
+    ) -> None:
         super().__init__()
         try:
             from transformers import GPT2Config, GPT2LMHeadModel
@@ -37,7 +41,7 @@ class GPT2Bytes(pl.LightningModule):
             vocab_size=256, n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
-        config._attn_implementation = "eager"
+        config._attn_implementation = attention
         self.model = GPT2LMHeadModel(config)
         self.lr = lr
 

@@ -234,25 +234,114 @@ def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
 _ENTROPY_CHUNK_VALUES = 1 << 18
 
 
+def _row_entropy(rows: Tensor, scratch: Tensor) -> Tensor:
+    """−Σ p log p of each row of probabilities ``[n, k]``, through ``scratch`` (at least ``[n, k]``)."""
+    # p · log(max(p, 1e-30)) is exactly 0 where p = 0 (the masked half of causal attention). Clamping first keeps
+    # log off its slow -inf and denormal paths on CPU (torch.special.entr and xlogy are 2.5x slower in a training
+    # step).
+    plogp = torch.clamp_min(rows, 1e-30, out=scratch[: rows.shape[0], : rows.shape[1]]).log_().mul_(rows)
+    return plogp.sum(-1).neg_()
+
+
 def attention_partials(probs: Tensor) -> Tensor:
     """Per head ``[Σ rows' entropy −Σ p log p, number of rows]`` of attention probabilities ``[B, H, Tq, Tk]``."""
     probs = probs.detach()
     if probs.dtype not in (torch.float32, torch.float64):
         probs = probs.float()
-    # p · log(max(p, 1e-30)) is exactly 0 where p = 0 (the masked half of causal attention). Clamping first keeps
-    # log off its slow -inf and denormal paths on CPU (torch.special.entr and xlogy are 2.5x slower in a training
-    # step). On CPU the passes run chunk by chunk through one scratch buffer: 1.5x faster than over the whole tensor.
+    # On CPU the passes run chunk by chunk through one scratch buffer: 1.5x faster than over the whole tensor.
     rows = probs.reshape(-1, probs.shape[-1])
     chunk = max(1, _ENTROPY_CHUNK_VALUES // max(rows.shape[1], 1)) if rows.is_cpu else rows.shape[0]
     scratch = torch.empty((min(chunk, rows.shape[0]), rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    parts = []
-    for start in range(0, rows.shape[0], chunk):
-        p = rows[start : start + chunk]
-        plogp = torch.clamp_min(p, 1e-30, out=scratch[: p.shape[0]]).log_().mul_(p)
-        parts.append(plogp.sum(-1))
-    entropy = torch.cat(parts).neg_().view(probs.shape[:-1])  # [B, H, Tq]
+    parts = [_row_entropy(rows[start : start + chunk], scratch) for start in range(0, rows.shape[0], chunk)]
+    entropy = torch.cat(parts).view(probs.shape[:-1])  # [B, H, Tq]
     per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
     return torch.cat([per_head, torch.full_like(per_head, entropy.shape[0] * entropy.shape[2])])
+
+
+# Attention weights formed again from queries and keys, this many values at a time: in a core's L2 cache on CPU; on
+# an accelerator 64 MiB of float32 per temporary (three live at once), so that a long context never has its whole
+# [B, H, L, S] in memory.
+_RECOMPUTE_CHUNK_VALUES = {"cpu": 1 << 18}
+_RECOMPUTE_CHUNK_DEFAULT = 1 << 24
+
+
+def _as_heads(t: Tensor) -> Tensor:
+    """``[..., H, L, E]`` (or ``[N, L, E]``: one head) as ``[batch, H, L, E]``."""
+    if t.dim() == 2:
+        return t[None, None]
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def scaled_dot_product_attention_partials(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The attention-entropy partials of :func:`attention_partials` and ``[max logit]`` of the weights that
+    ``scaled_dot_product_attention(query, key, value, attn_mask, is_causal=, scale=, enable_gqa=)`` forms.
+
+    The fused kernels never return their weights, so they are formed again here, without gradient, a chunk of
+    query rows at a time: no ``[B, H, L, S]`` tensor exists whole. The masks follow ``scaled_dot_product_attention``:
+    a boolean ``attn_mask`` says which keys take part, a float one is added to the logits, ``is_causal`` keeps keys
+    up to the query's own position (top-left aligned); the logits include a float mask. Rows in which every key is
+    masked have no weights (the kernels return NaN or zeros for them): they are left out of their head's count.
+    The weights are those before attention dropout.
+    """
+    with torch.no_grad():
+        q, k = _as_heads(query.detach()), _as_heads(key.detach())
+        batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1])[0]
+        heads, length, keys = q.shape[1], q.shape[2], k.shape[2]
+        if k.shape[1] != heads and enable_gqa and heads % k.shape[1] == 0:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        # [batch·heads, L, E] float32 copies, the queries scaled: the size of the activations, not of the weights.
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        q = q.expand(batch, *q.shape[1:]).reshape(batch * heads, length, -1).float() * scale
+        k = k.expand(batch, heads, *k.shape[2:]).reshape(batch * heads, keys, -1).float().transpose(1, 2)
+        mask = None if attn_mask is None else torch.broadcast_to(attn_mask.detach(), (batch, heads, length, keys))
+        device = q.device
+        per_head = torch.zeros(2, heads, dtype=torch.float64, device=device)
+        logit_max = torch.full((1,), float("-inf"), device=device)
+        matrices = batch * heads
+        if matrices == 0 or length == 0 or keys == 0:
+            return per_head.flatten(), logit_max
+        budget = _RECOMPUTE_CHUNK_VALUES.get(device.type, _RECOMPUTE_CHUNK_DEFAULT)
+        rows_per_chunk = min(length, max(1, budget // keys))
+        matrices_per_chunk = max(1, budget // (rows_per_chunk * keys)) if rows_per_chunk == length else 1
+        scratch = torch.empty((matrices_per_chunk * rows_per_chunk, keys), device=device)
+        head_of = torch.arange(matrices, device=device) % heads
+        # Masks become a bias that the matrix product adds (a masked_fill broadcast over the matrices is 3x slower).
+        causal = {}
+        for r0 in range(0, length, rows_per_chunk) if is_causal else ():
+            r1 = min(r0 + rows_per_chunk, length)
+            causal[r0] = torch.full((r1 - r0, keys), float("-inf"), device=device).triu_(r0 + 1)
+        for m0 in range(0, matrices, matrices_per_chunk):
+            m1 = min(m0 + matrices_per_chunk, matrices)
+            index = torch.arange(m0, m1, device=device) if mask is not None else None
+            for r0 in range(0, length, rows_per_chunk):
+                r1 = min(r0 + rows_per_chunk, length)
+                bias = causal.get(r0)
+                if mask is not None:
+                    part = mask[index // heads, index % heads, r0:r1]
+                    part = torch.where(part, 0.0, float("-inf")) if part.dtype == torch.bool else part.float()
+                    bias = part if bias is None else part + bias
+                if bias is None:
+                    logits = torch.bmm(q[m0:m1, r0:r1], k[m0:m1])
+                else:
+                    logits = torch.baddbmm(bias, q[m0:m1, r0:r1], k[m0:m1])
+                row_max = logits.amax(-1)
+                logit_max = torch.maximum(logit_max, row_max.amax().reshape(1))
+                probs = logits.softmax(-1)
+                entropy = _row_entropy(probs.flatten(0, 1), scratch).view(row_max.shape)
+                some_key = row_max != float("-inf")  # NaN logits stay in, so that they show
+                entropy = torch.where(some_key, entropy, 0.0)
+                per_head[0].index_add_(0, head_of[m0:m1], entropy.sum(-1, dtype=torch.float64))
+                per_head[1].index_add_(0, head_of[m0:m1], some_key.sum(-1, dtype=torch.float64))
+        return per_head.flatten(), logit_max
 
 
 def attention_stats(partials: Tensor) -> dict[str, float]:

@@ -91,3 +91,63 @@ def test_attention_entropy_of_uniform_and_one_hot_rows():
     assert stats.attention_stats(partials)["entropy_mean"] == pytest.approx(math.log(4) / 2, rel=1e-6)
     two_heads = torch.stack([rows, rows[[1, 1]]]).unsqueeze(0)  # head 1: one-hot rows only
     assert stats.attention_stats(stats.attention_partials(two_heads))["entropy_min"] == 0.0
+
+
+def _weights_by_hand(q, k, mask=None, causal=False, scale=None):
+    """Per head mean entropy over rows with at least one key, and the max logit, of SDPA's weights, in float64."""
+    q, k = q.double(), k.double()
+    if k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    logits = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+    if causal:  # top-left aligned, as scaled_dot_product_attention
+        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    some_key = logits.amax(-1) > float("-inf")
+    probs = torch.where(some_key[..., None], logits.softmax(-1), 0.0)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, L]
+    return entropy.sum(dim=(0, 2)) / some_key.sum(dim=(0, 2)), logits.max()
+
+
+@pytest.mark.parametrize(
+    "case", ["causal", "causal, fewer queries than keys", "boolean mask with a row of no keys", "float mask", "grouped keys"]
+)
+@pytest.mark.parametrize("chunk", [None, 100])  # 100 values: one row of one matrix at a time
+def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setitem(stats._RECOMPUTE_CHUNK_VALUES, "cpu", chunk)
+    g = torch.Generator().manual_seed(0)
+    q, k = 2 * torch.randn(3, 4, 24, 8, generator=g), 2 * torch.randn(3, 4, 24, 8, generator=g)
+    kwargs: dict = {}
+    if case.startswith("causal"):
+        kwargs["is_causal"] = True
+        if "fewer" in case:
+            q = q[:, :, :10]
+    elif case.startswith("boolean"):
+        mask = torch.rand(3, 1, 24, 24, generator=g) > 0.4
+        mask[1, 0, 5] = False  # batch 1's query 5 attends to nothing: its row has no weights
+        kwargs["attn_mask"] = mask
+    elif case == "float mask":  # as Hugging Face builds its masks, plus a bias
+        keep = torch.rand(1, 1, 24, 24, generator=g) > 0.3
+        kwargs["attn_mask"] = torch.randn(1, 1, 24, 24, generator=g).masked_fill(~keep, torch.finfo(torch.float32).min)
+    else:
+        k = k[:, :2]
+        kwargs.update(enable_gqa=True, is_causal=True, scale=0.2)
+    partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs)
+    per_head, max_logit = _weights_by_hand(q, k, kwargs.get("attn_mask"), kwargs.get("is_causal", False), kwargs.get("scale"))
+    heads = q.shape[1]
+    assert torch.allclose(partials[:heads] / partials[heads:], per_head, rtol=1e-6)
+    assert logit_max.item() == pytest.approx(max_logit.item(), rel=1e-6)
+    if case.startswith("boolean"):
+        assert partials[heads:].tolist() == [3 * 24 - 1] * heads  # the mask is shared by the heads
+    expected = stats.attention_stats(torch.cat([per_head, torch.ones(heads, dtype=torch.float64)]))
+    assert stats.attention_stats(partials) == pytest.approx(expected, rel=1e-6)
+
+
+def test_weights_formed_again_agree_with_the_probabilities_path():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 16, 8, generator=g), torch.randn(2, 3, 16, 8, generator=g)
+    causal = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    probs = (q @ k.transpose(-2, -1) / 8**0.5).masked_fill(causal, float("-inf")).softmax(-1)
+    partials, _ = stats.scaled_dot_product_attention_partials(q, k, is_causal=True)
+    assert torch.allclose(partials, stats.attention_partials(probs), rtol=1e-6)

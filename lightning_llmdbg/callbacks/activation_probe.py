@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_llmdbg import distributed, stats
 from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank_zero_warn
@@ -64,6 +66,43 @@ def attention_logit_max(output: Any) -> Tensor | None:
 # Attributes a sampled step's hooks set on the modules they are attached to; removed at the end of the fit.
 SLOTS = {"act": "_llmdbg_act", "hist": "_llmdbg_hist", "attn": "_llmdbg_attn", "logits": "_llmdbg_logits"}
 GRADIENT_SLOT = "_llmdbg_grad"  # a float64 [sum of squares, count] buffer, added to in place during backward
+CAPTURE_SLOT = "_llmdbg_capture"  # the _AttentionCapture entered for the module's forward pass now running
+
+
+def _attention_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The arguments of a ``scaled_dot_product_attention`` call that shape its weights."""
+    return query, key, attn_mask, is_causal, scale, enable_gqa
+
+
+class _AttentionCapture(TorchFunctionMode):
+    """Entered for one forward pass of an attention module on a sampled step. Its ``scaled_dot_product_attention``
+    calls run as they are; the weights each one forms are recomputed without gradient for their entropy and largest
+    logit (:func:`~lightning_llmdbg.stats.scaled_dot_product_attention_partials`): the fused kernels never return
+    them. Any other call passes through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partials: tuple | None = None
+        self.error: Exception | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and self.error is None:
+            try:
+                partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
+                self.partials = _merged(self.partials, *partials)
+            except Exception as err:  # a statistic never stops training
+                self.error = err
+        return out
+
+    def exit_if_innermost(self) -> bool:
+        """Leave the mode stack if this is on top of it (it is, unless someone entered a mode and never left)."""
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:
+            self.__exit__(None, None, None)
+            return True
+        return False
 
 
 def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None, add: Callable = operator.add) -> tuple:
@@ -131,13 +170,20 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       ranks' losses, as DDP and FSDP average gradients; with tensor parallelism the divisor is the whole world size
       and the value is off by the tensor-parallel degree).
     - ``llmdbg/attn/<module>/entropy_mean`` and ``entropy_min``: per-head attention entropy −Σ p log p averaged
-      over query positions, then its mean and minimum over heads; for attention modules that return
-      ``(output, probabilities)`` (Hugging Face attention under ``attn_implementation="eager"``; the reference
-      GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps). HF eager
-      attention returns its weights after attention dropout: with ``attn_pdrop > 0`` they are not probabilities.
-    - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d), for attention modules
-      that return it as a third element ``(output, probabilities, logit_max)``, as the reference GPT does;
-      Hugging Face attention returns probabilities only, from which the logits cannot be recovered.
+      over query positions, then its mean and minimum over heads. From attention modules that either
+      return ``(output, probabilities)`` (Hugging Face attention under ``attn_implementation="eager"``; the
+      reference GPT when its ``return_attention`` attribute is set, which the probe does on sampled steps), or
+      call ``torch.nn.functional.scaled_dot_product_attention`` (Hugging Face's default ``"sdpa"``, and most
+      models written for PyTorch 2). Fused kernels never return their weights, so on a sampled step the probe
+      catches each such call in the module's forward pass (a ``TorchFunctionMode`` entered for that pass only)
+      and forms its weights again from the queries, keys, mask and scale, without gradient and a chunk of query
+      rows at a time (no ``[B, H, L, S]`` tensor is ever whole). Rows with every key masked are left out. Not
+      under ``torch.compile`` (such a model logs entropy only if its attention returns probabilities) and not
+      for flash-attention kernels called directly. HF eager attention returns its weights after attention
+      dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again are before dropout.
+    - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d, plus a float mask),
+      for modules that call ``scaled_dot_product_attention`` and for those that return it as a third element
+      ``(output, probabilities, logit_max)``, as the reference GPT does; probabilities alone cannot give it back.
     - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
@@ -202,6 +248,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._head: nn.Module | None = None
         self._handles: list[Any] = []
         self._switched: list[tuple[nn.Module, Any]] = []  # modules whose `return_attention` we set, with its old value
+        self._returns_weights: set[int] = set()  # ids of attention modules that returned their weights: no capture
+        self._capture_errors: list[tuple[nn.Module, Exception]] = []
+        self._no_capture: set[int] = set()  # ids of attention modules whose weights could not be recomputed
         self._pending_step: int | None = None
         self._acc = _Accumulator()
         self._loss_scale = 1.0
@@ -222,6 +271,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._device = trainer.strategy.root_device
         self._targets = self._resolve(pl_module)
         self._attention = attention_modules(self._targets) if self.attention else {}
+        self._returns_weights, self._no_capture, self._capture_errors = set(), set(), []
         self._head = head_module(pl_module) if self.logits else None
         if self._writers is not None:
             charts = {f"{PREFIX}/act/{s}": [rf"{PREFIX}/act/.*/{s}$"] for s in self.stats}
@@ -303,7 +353,12 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             if hasattr(module, "return_attention"):
                 self._switched.append((module, module.return_attention))
                 module.return_attention = True
-            self._handles.append(module.register_forward_hook(self._on_attention))
+                self._handles.append(module.register_forward_hook(self._on_attention))
+            elif id(module) in self._returns_weights or id(module) in self._no_capture:
+                self._handles.append(module.register_forward_hook(self._on_attention))
+            else:  # its `scaled_dot_product_attention` calls are caught; `always_call` leaves the mode on an error
+                self._handles.append(module.register_forward_pre_hook(self._on_attention_start))
+                self._handles.append(module.register_forward_hook(self._on_attention, always_call=True))
         if self._head is not None:
             self._handles.append(self._head.register_forward_hook(self._on_logits))
 
@@ -311,6 +366,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module in self._attention.values():  # a forward pass interrupted (KeyboardInterrupt) inside the module
+            for capture in reversed(module.__dict__.pop(CAPTURE_SLOT, None) or []):
+                capture.exit_if_innermost()
         for module, before in self._switched:
             module.return_attention = before
         self._switched = []
@@ -369,15 +427,44 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if self.gradients and hidden.requires_grad:
             hidden.register_hook(functools.partial(_add_gradient_partials, module._llmdbg_grad))
 
+    def _on_attention_start(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # a compiled graph cannot enter a mode here; such models return their weights or log none
+        capture = _AttentionCapture()
+        capture.__enter__()
+        module.__dict__.setdefault(CAPTURE_SLOT, []).append(capture)
+
     def _on_attention(self, module: nn.Module, args: Any, output: Any) -> None:
+        capture = None
+        if not torch.compiler.is_compiling() and module.__dict__.get(CAPTURE_SLOT):
+            capture = module.__dict__[CAPTURE_SLOT].pop()
+            capture.exit_if_innermost()
         probs = attention_probabilities(output)
         if probs is not None and probs.numel() > 0:
             module._llmdbg_attn = _merged(module._llmdbg_attn, stats.attention_partials(probs), attention_logit_max(output))
+            if capture is not None:
+                self._returns_weights.add(id(module))
+        elif capture is not None and capture.partials is not None:
+            module._llmdbg_attn = _merged(module._llmdbg_attn, *capture.partials)
+        if capture is not None and capture.error is not None:
+            self._capture_errors.append((module, capture.error))
 
     def _on_logits(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = hidden_state(output)
         if logits is not None and logits.numel() > 0 and logits.is_floating_point():
             module._llmdbg_logits = _merged(module._llmdbg_logits, *stats.logit_partials(logits))
+
+    def _report_capture_errors(self) -> None:
+        names = {id(m): k for k, m in self._attention.items()}
+        for module, error in self._capture_errors:
+            if id(module) not in self._no_capture:
+                self._no_capture.add(id(module))
+                rank_zero_warn(
+                    f"ActivationProbe: the attention weights of {names.get(id(module), type(module).__name__)!r} could "
+                    f"not be recomputed from its scaled_dot_product_attention call ({type(error).__name__}: {error}); "
+                    "its attention entropy is no longer logged. Training goes on."
+                )
+        self._capture_errors = []
 
     # -- reduction and output ----------------------------------------------------------------------------------
     def _expected_keys(self) -> list[str]:
@@ -422,13 +509,16 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             elif kind == "hist":
                 histograms[name] = stats.fixed_histogram(partial)
         self._count_sample(step)
+        self._report_capture_errors()
         if not any(k.startswith(("act/", "attn/", "logits")) for k in sums):
             return  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
         if self._attention and not any(k.startswith("attn/") for k in sums) and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(
-                "ActivationProbe: the attention modules did not return attention probabilities, so no attention "
-                "entropy is logged. For Hugging Face models load them with attn_implementation='eager'."
+                "ActivationProbe: the attention modules neither returned their attention probabilities nor called "
+                "torch.nn.functional.scaled_dot_product_attention outside torch.compile, so no attention entropy is "
+                "logged. Hugging Face models log it with attn_implementation='sdpa' (the default) or 'eager', not with "
+                "flash-attention kernels; a compiled model logs it only if its attention returns probabilities."
             )
         self._publish(Signals(source=self.signal_source_name, step=step, values=values))
         if self._writers is not None:

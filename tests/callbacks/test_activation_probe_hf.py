@@ -1,11 +1,13 @@
 """ActivationProbe on a Hugging Face GPT-2 built from a small config (no download)."""
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_llmdbg import ActivationProbe
+from lightning_llmdbg.testing.hooks import count_hooks
 from tests.callbacks.test_activation_probe import _independent_stats
 from tests.helpers import assert_close, read_events, scalars, small_data, trainer_kwargs
 
@@ -13,10 +15,10 @@ N_LAYER = 3
 
 
 class HFGPT2(pl.LightningModule):
-    def __init__(self):
+    def __init__(self, attention: str = "eager"):
         super().__init__()
         config = GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=N_LAYER, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        self.model = GPT2LMHeadModel(config, attn_implementation="eager") if _takes_attn_kwarg() else _eager(config)
+        self.model = GPT2LMHeadModel(config, attn_implementation=attention) if _takes_attn_kwarg() else _with_attention(config, attention)
 
     def training_step(self, batch, batch_idx):
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -33,8 +35,8 @@ def _takes_attn_kwarg() -> bool:
         return False
 
 
-def _eager(config):
-    config._attn_implementation = "eager"
+def _with_attention(config, attention):
+    config._attn_implementation = attention
     return GPT2LMHeadModel(config)
 
 
@@ -74,3 +76,96 @@ def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
         assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
     assert_close(scalars(events, "llmdbg/logits/lse_sq")[0], seen["lse_sq"], 1e-5, "lse_sq")
     assert_close(scalars(events, "llmdbg/logits/max")[0], seen["max"], 1e-6, "max logit")
+
+
+def _sharpened(module: HFGPT2) -> HFGPT2:
+    """Larger query and key weights than at initialisation, so that attention is far from uniform."""
+    with torch.no_grad():
+        for block in module.model.transformer.h:
+            block.attn.c_attn.weight.mul_(20.0)
+    return module
+
+
+def test_gpt2_under_sdpa_attention_logs_the_entropy_and_logit_max_of_weights_it_never_returns(tmp_path):
+    pl.seed_everything(0)
+    module = _sharpened(HFGPT2("sdpa"))
+    assert module.model.config._attn_implementation == "sdpa"
+    seen = {}
+
+    class Direct(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step != 0:
+                return
+            twin = HFGPT2("eager")  # the same weights under eager attention, which returns its probabilities
+            twin.load_state_dict(pl_module.state_dict())
+            with torch.no_grad():
+                out = twin.model(input_ids=batch["input_ids"], output_attentions=True, output_hidden_states=True)
+                seen["attentions"] = [a.clone() for a in out.attentions]
+                seen["logit_max"] = []
+                for i, block in enumerate(twin.model.transformer.h):  # q·k/√d by hand from the block's input
+                    x = block.ln_1(out.hidden_states[i]).double()
+                    q, k, _ = (x @ block.attn.c_attn.weight.double() + block.attn.c_attn.bias.double()).chunk(3, -1)
+                    B, T, C = q.shape
+                    q, k = (t.view(B, T, 4, C // 4).transpose(1, 2) for t in (q, k))
+                    logits = (q @ k.transpose(-2, -1)) / (C // 4) ** 0.5
+                    seen["logit_max"].append(logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).max().item())
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
+    trainer = pl.Trainer(max_steps=2, logger=logger, callbacks=[Direct(), probe], **trainer_kwargs())
+    trainer.fit(module, small_data())
+    events = read_events(logger.log_dir)
+
+    entropies = []
+    for i, probs in enumerate(seen["attentions"]):
+        p = probs.double()
+        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+        entropies.append(per_head)
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/logit_max")[0], seen["logit_max"][i], 1e-5, f"logit max {i}")
+        assert set(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")) == {0, 1}
+    assert entropies[0].max() - entropies[0].min() > 0.1, "the heads should differ for this test to mean much"
+    assert count_hooks(module) == 0
+    assert torch._C._len_torch_function_stack() == 0, "a function mode outlived the fit"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_error_inside_an_sdpa_attention_module_leaves_no_hook_and_no_mode(tmp_path, error):
+    pl.seed_everything(0)
+    module = HFGPT2("sdpa")
+
+    def fail_at_step_one(mod, args):  # inside the attention module's forward, after its SDPA call
+        if trainer.global_step == 1:
+            raise error("boom")
+
+    handle = module.model.transformer.h[1].attn.c_proj.register_forward_pre_hook(fail_at_step_one)
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)], **trainer_kwargs())
+    with pytest.raises(SystemExit if error is KeyboardInterrupt else RuntimeError):
+        trainer.fit(module, small_data())
+    handle.remove()
+    assert count_hooks(module) == 0
+    assert torch._C._len_torch_function_stack() == 0, "a function mode outlived the fit"
+    assert not any("_llmdbg_capture" in m.__dict__ for m in module.modules())
+
+
+def test_weights_that_cannot_be_formed_again_stop_that_entropy_with_a_warning_not_training(tmp_path, monkeypatch):
+    from lightning_llmdbg import stats
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(stats, "scaled_dot_product_attention_partials", broken)
+    pl.seed_everything(0)
+    module = HFGPT2("sdpa")
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)], **trainer_kwargs())
+    with pytest.warns(UserWarning, match=r"'transformer.h.0' could not be recomputed .*RuntimeError: no room"):
+        trainer.fit(module, small_data())
+    assert trainer.global_step == 3 and len(calls) == N_LAYER  # tried on the first sampled step only
+    tags = read_events(logger.log_dir).Tags()["scalars"]
+    assert "llmdbg/act/transformer.h.0/rms" in tags and not any("/attn/" in t for t in tags)
+    assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
