@@ -110,7 +110,7 @@ def _weights_by_hand(q, k, mask=None, causal=False, scale=None):
 
 
 @pytest.mark.parametrize(
-    "case", ["causal", "causal, fewer queries than keys", "boolean mask with a row of no keys", "float mask", "grouped keys"]
+    "case", ["causal", "causal, fewer queries than keys", "boolean mask with a row of no keys", "float mask", "grouped keys", "bfloat16"]
 )
 @pytest.mark.parametrize("chunk", [None, 100])  # 100 values: one row of one matrix at a time
 def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk, monkeypatch):
@@ -130,9 +130,12 @@ def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk
     elif case == "float mask":  # as Hugging Face builds its masks, plus a bias
         keep = torch.rand(1, 1, 24, 24, generator=g) > 0.3
         kwargs["attn_mask"] = torch.randn(1, 1, 24, 24, generator=g).masked_fill(~keep, torch.finfo(torch.float32).min)
-    else:
+    elif case == "grouped keys":
         k = k[:, :2]
         kwargs.update(enable_gqa=True, is_causal=True, scale=0.2)
+    else:  # formed in float32 from the bfloat16 values, as by hand in float64
+        q, k = q.bfloat16(), k.bfloat16()
+        kwargs["is_causal"] = True
     partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs)
     per_head, max_logit = _weights_by_hand(q, k, kwargs.get("attn_mask"), kwargs.get("is_causal", False), kwargs.get("scale"))
     heads = q.shape[1]
