@@ -259,8 +259,8 @@ def attention_partials(probs: Tensor) -> Tensor:
 
 
 # Attention weights formed again from queries and keys, this many values at a time: in a core's L2 cache on CPU; on
-# an accelerator 64 MiB of float32 per temporary (three live at once), so that a long context never has its whole
-# [B, H, L, S] in memory.
+# an accelerator 64 MiB of float32 per chunk-sized temporary (about five live at once), so that a long context never
+# has its whole [B, H, L, S] in memory.
 _RECOMPUTE_CHUNK_VALUES = {"cpu": 1 << 18}
 _RECOMPUTE_CHUNK_DEFAULT = 1 << 24
 
@@ -274,6 +274,16 @@ def _as_heads(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
+def _mask_as_heads(mask: Tensor, query: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """An ``attn_mask`` broadcast as ``scaled_dot_product_attention`` broadcasts it, as ``[batch, H, L, S]``: a
+    view where the query is 4-D (no copy of a mask shared by heads or batch)."""
+    if query.dim() <= 3 and mask.dim() >= 3:  # [N, L, S] against [N, L, E]: one head
+        mask = mask.unsqueeze(-3)
+    if query.dim() <= 4:
+        return torch.broadcast_to(mask, shape)
+    return torch.broadcast_to(mask, (*query.shape[:-3], *shape[1:])).reshape(shape)
+
+
 def scaled_dot_product_attention_partials(
     query: Tensor,
     key: Tensor,
@@ -285,49 +295,50 @@ def scaled_dot_product_attention_partials(
     """The attention-entropy partials of :func:`attention_partials` and ``[max logit]`` of the weights that
     ``scaled_dot_product_attention(query, key, value, attn_mask, is_causal=, scale=, enable_gqa=)`` forms.
 
-    The fused kernels never return their weights, so they are formed again here, without gradient, a chunk of
-    query rows at a time: no ``[B, H, L, S]`` tensor exists whole. The masks follow ``scaled_dot_product_attention``:
-    a boolean ``attn_mask`` says which keys take part, a float one is added to the logits, ``is_causal`` keeps keys
-    up to the query's own position (top-left aligned); the logits include a float mask. Rows in which every key is
-    masked have no weights (the kernels return NaN or zeros for them): they are left out of their head's count.
-    The weights are those before attention dropout.
+    The fused kernels never return their weights, so they are formed again here, in float32 (autocast off) and
+    without gradient, a chunk of query rows at a time: no ``[B, H, L, S]`` tensor exists whole. The masks follow
+    ``scaled_dot_product_attention``: a boolean ``attn_mask`` says which keys take part, a float one is added to the
+    logits (and to the max logit), ``is_causal`` keeps keys up to the query's own position (top-left aligned).
+    A row whose every key is masked out by a boolean or −inf mask has no weights (the kernels return zeros or NaN
+    for it) and is left out of its head's count; a finite mask such as Hugging Face's ``finfo.min`` leaves such a
+    row uniform, as the kernels compute it, and it counts. The weights are those before attention dropout.
     """
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
         q, k = _as_heads(query.detach()), _as_heads(key.detach())
+        if enable_gqa and k.shape[1] != q.shape[1] and q.shape[1] % k.shape[1] == 0:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1])[0]
-        heads, length, keys = q.shape[1], q.shape[2], k.shape[2]
-        if k.shape[1] != heads and enable_gqa and heads % k.shape[1] == 0:
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        heads = torch.broadcast_shapes(q.shape[1:2], k.shape[1:2])[0]  # one key head against many: broadcast
+        length, keys = q.shape[2], k.shape[2]
         # [batch·heads, L, E] float32 copies, the queries scaled: the size of the activations, not of the weights.
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        q = q.expand(batch, *q.shape[1:]).reshape(batch * heads, length, -1).float() * scale
+        q = q.expand(batch, heads, *q.shape[2:]).reshape(batch * heads, length, -1).float() * scale
         k = k.expand(batch, heads, *k.shape[2:]).reshape(batch * heads, keys, -1).float().transpose(1, 2)
-        mask = None if attn_mask is None else torch.broadcast_to(attn_mask.detach(), (batch, heads, length, keys))
+        mask = None if attn_mask is None else _mask_as_heads(attn_mask.detach(), query, (batch, heads, length, keys))
         device = q.device
         per_head = torch.zeros(2, heads, dtype=torch.float64, device=device)
-        logit_max = torch.full((1,), float("-inf"), device=device)
+        logit_max = torch.full((1,), float("-inf"), dtype=torch.float32, device=device)
         matrices = batch * heads
         if matrices == 0 or length == 0 or keys == 0:
             return per_head.flatten(), logit_max
         budget = _RECOMPUTE_CHUNK_VALUES.get(device.type, _RECOMPUTE_CHUNK_DEFAULT)
         rows_per_chunk = min(length, max(1, budget // keys))
         matrices_per_chunk = max(1, budget // (rows_per_chunk * keys)) if rows_per_chunk == length else 1
-        scratch = torch.empty((matrices_per_chunk * rows_per_chunk, keys), device=device)
+        scratch = torch.empty((matrices_per_chunk * rows_per_chunk, keys), dtype=torch.float32, device=device)
         head_of = torch.arange(matrices, device=device) % heads
-        # Masks become a bias that the matrix product adds (a masked_fill broadcast over the matrices is 3x slower).
-        causal = {}
-        for r0 in range(0, length, rows_per_chunk) if is_causal else ():
+        for r0 in range(0, length, rows_per_chunk):
             r1 = min(r0 + rows_per_chunk, length)
-            causal[r0] = torch.full((r1 - r0, keys), float("-inf"), device=device).triu_(r0 + 1)
-        for m0 in range(0, matrices, matrices_per_chunk):
-            m1 = min(m0 + matrices_per_chunk, matrices)
-            index = torch.arange(m0, m1, device=device) if mask is not None else None
-            for r0 in range(0, length, rows_per_chunk):
-                r1 = min(r0 + rows_per_chunk, length)
-                bias = causal.get(r0)
+            # Masks become a bias that the matrix product adds (a masked_fill broadcast over the matrices: 3x slower).
+            causal = None
+            if is_causal:
+                causal = torch.full((r1 - r0, keys), float("-inf"), dtype=torch.float32, device=device).triu_(r0 + 1)
+            for m0 in range(0, matrices, matrices_per_chunk):
+                m1 = min(m0 + matrices_per_chunk, matrices)
+                bias = causal
                 if mask is not None:
+                    index = torch.arange(m0, m1, device=device)
                     part = mask[index // heads, index % heads, r0:r1]
-                    part = torch.where(part, 0.0, float("-inf")) if part.dtype == torch.bool else part.float()
+                    part = torch.where(part, 0.0, float("-inf")).float() if part.dtype == torch.bool else part.float()
                     bias = part if bias is None else part + bias
                 if bias is None:
                     logits = torch.bmm(q[m0:m1, r0:r1], k[m0:m1])

@@ -93,26 +93,41 @@ def test_attention_entropy_of_uniform_and_one_hot_rows():
     assert stats.attention_stats(stats.attention_partials(two_heads))["entropy_min"] == 0.0
 
 
-def _weights_by_hand(q, k, mask=None, causal=False, scale=None):
-    """Per head mean entropy over rows with at least one key, and the max logit, of SDPA's weights, in float64."""
+def _weights_from_sdpa(q, k, **kwargs):
+    """Per head mean entropy over the rows that have weights, from ``scaled_dot_product_attention`` itself in float64:
+    with the identity as values its output is its weights."""
+    keys = k.shape[-2]
+    value = torch.eye(keys, dtype=torch.float64).expand(*k.shape[:-1], keys)
+    weights = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), value, **kwargs)
+    if weights.dim() == 3:
+        weights = weights.unsqueeze(1)
+    has_weights = weights.sum(-1) > 0.5  # torch gives a row with every key masked zeros
+    entropy = -torch.special.xlogy(weights, weights).sum(-1)  # [B, H, L]
+    return entropy.sum(dim=(0, 2)) / has_weights.sum(dim=(0, 2))
+
+
+def _max_logit_by_hand(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     q, k = q.double(), k.double()
-    if k.shape[-3] != q.shape[-3]:
+    if enable_gqa:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     logits = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
-    if causal:  # top-left aligned, as scaled_dot_product_attention
+    if attn_mask is not None:
+        is_bool = attn_mask.dtype == torch.bool
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if is_bool else logits + attn_mask.double()
+    if is_causal:
         logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    some_key = logits.amax(-1) > float("-inf")
-    probs = torch.where(some_key[..., None], logits.softmax(-1), 0.0)
-    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, H, L]
-    return entropy.sum(dim=(0, 2)) / some_key.sum(dim=(0, 2)), logits.max()
+    return logits.max().item()
 
 
-@pytest.mark.parametrize(
-    "case", ["causal", "causal, fewer queries than keys", "boolean mask with a row of no keys", "float mask", "grouped keys", "bfloat16"]
-)
-@pytest.mark.parametrize("chunk", [None, 100])  # 100 values: one row of one matrix at a time
+CASES = [
+    "causal", "causal, fewer queries than keys", "boolean mask with a row of no keys", "float mask", "grouped keys",
+    "one key head for all query heads", "a batch of one query sequence", "3-D, a mask per sequence", "[L, S] mask",
+    "bfloat16", "under bfloat16 autocast",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk", [None, 100, 5 * 24 * 24])  # all at once; 4 rows of one matrix; 5, 5 and 2 matrices
 def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk, monkeypatch):
     if chunk:
         monkeypatch.setitem(stats._RECOMPUTE_CHUNK_VALUES, "cpu", chunk)
@@ -133,14 +148,26 @@ def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk
     elif case == "grouped keys":
         k = k[:, :2]
         kwargs.update(enable_gqa=True, is_causal=True, scale=0.2)
+    elif case == "one key head for all query heads":
+        k = k[:, :1]
+    elif case == "a batch of one query sequence":
+        q = q[:1]
+        kwargs["is_causal"] = True
+    elif case.startswith("3-D"):
+        q, k = q[:, 0], k[:, 0]
+        kwargs["attn_mask"] = torch.rand(3, 24, 24, generator=g) > 0.3
+    elif case == "[L, S] mask":
+        kwargs["attn_mask"] = torch.rand(24, 24, generator=g) > 0.3
     else:  # formed in float32 from the bfloat16 values, as by hand in float64
         q, k = q.bfloat16(), k.bfloat16()
         kwargs["is_causal"] = True
-    partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs)
-    per_head, max_logit = _weights_by_hand(q, k, kwargs.get("attn_mask"), kwargs.get("is_causal", False), kwargs.get("scale"))
-    heads = q.shape[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("under")):
+        partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs)
+    per_head = _weights_from_sdpa(q, k, **kwargs)
+    heads = per_head.numel()
+    assert partials.dtype == torch.float64 and logit_max.dtype == torch.float32
     assert torch.allclose(partials[:heads] / partials[heads:], per_head, rtol=1e-6)
-    assert logit_max.item() == pytest.approx(max_logit.item(), rel=1e-6)
+    assert logit_max.item() == pytest.approx(_max_logit_by_hand(q, k, **kwargs), rel=1e-6)
     if case.startswith("boolean"):
         assert partials[heads:].tolist() == [3 * 24 - 1] * heads  # the mask is shared by the heads
     expected = stats.attention_stats(torch.cat([per_head, torch.ones(heads, dtype=torch.float64)]))

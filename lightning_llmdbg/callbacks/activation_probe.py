@@ -83,7 +83,7 @@ class _AttentionCapture(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.partials: tuple | None = None
-        self.error: Exception | None = None
+        self.error: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -93,16 +93,20 @@ class _AttentionCapture(TorchFunctionMode):
                 partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
                 self.partials = _merged(self.partials, *partials)
             except Exception as err:  # a statistic never stops training
-                self.error = err
+                # The message only: a traceback would keep the failed call's temporaries alive until the step ends.
+                self.error = f"{type(err).__name__}: {err}"
         return out
 
-    def exit_if_innermost(self) -> bool:
-        """Leave the mode stack if this is on top of it (it is, unless someone entered a mode and never left)."""
-        depth = torch._C._len_torch_function_stack()
-        if depth and torch._C._get_function_stack_at(depth - 1) is self:
-            self.__exit__(None, None, None)
-            return True
-        return False
+    def leave(self) -> None:
+        """Leave the mode stack wherever this is on it; modes entered after it and not yet left stay, in order."""
+        stack = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+        if not any(mode is self for mode in stack):
+            return
+        above = []
+        while (mode := torch._C._pop_torch_function_stack()) is not self:
+            above.append(mode)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
 
 
 def _merged(previous: tuple | None, sums: Tensor, maxes: Tensor | None = None, add: Callable = operator.add) -> tuple:
@@ -177,13 +181,15 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       models written for PyTorch 2). Fused kernels never return their weights, so on a sampled step the probe
       catches each such call in the module's forward pass (a ``TorchFunctionMode`` entered for that pass only)
       and forms its weights again from the queries, keys, mask and scale, without gradient and a chunk of query
-      rows at a time (no ``[B, H, L, S]`` tensor is ever whole). Rows with every key masked are left out. Not
-      under ``torch.compile`` (such a model logs entropy only if its attention returns probabilities) and not
-      for flash-attention kernels called directly. HF eager attention returns its weights after attention
-      dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again are before dropout.
-    - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d, plus a float mask),
-      for modules that call ``scaled_dot_product_attention`` and for those that return it as a third element
-      ``(output, probabilities, logit_max)``, as the reference GPT does; probabilities alone cannot give it back.
+      rows at a time (no ``[B, H, L, S]`` tensor is ever whole). Rows whose every key a boolean or −inf mask
+      hides are left out. Not under ``torch.compile`` (such a model logs entropy only if its attention returns
+      probabilities) and not for flash-attention kernels called directly. HF eager attention returns its weights
+      after attention dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again are
+      before dropout.
+    - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d or the call's own
+      scale, plus a float mask), for modules that call ``scaled_dot_product_attention`` and for those that return
+      it as a third element ``(output, probabilities, logit_max)``, as the reference GPT does; probabilities alone
+      cannot give it back.
     - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced
@@ -249,7 +255,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._handles: list[Any] = []
         self._switched: list[tuple[nn.Module, Any]] = []  # modules whose `return_attention` we set, with its old value
         self._returns_weights: set[int] = set()  # ids of attention modules that returned their weights: no capture
-        self._capture_errors: list[tuple[nn.Module, Exception]] = []
+        self._capture_errors: list[tuple[nn.Module, str]] = []
         self._no_capture: set[int] = set()  # ids of attention modules whose weights could not be recomputed
         self._pending_step: int | None = None
         self._acc = _Accumulator()
@@ -320,6 +326,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._remove_slots()
         self._pending_step = None
         self._acc = _Accumulator()
+        self._capture_errors = []
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._detach()
@@ -331,6 +338,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._remove_slots()
         self._pending_step = None
         self._acc = _Accumulator()
+        self._capture_errors = []
         self._targets, self._attention, self._head = {}, {}, None
 
     def _resolve(self, pl_module: LightningModule) -> dict[str, nn.Module]:
@@ -357,7 +365,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             elif id(module) in self._returns_weights or id(module) in self._no_capture:
                 self._handles.append(module.register_forward_hook(self._on_attention))
             else:  # its `scaled_dot_product_attention` calls are caught; `always_call` leaves the mode on an error
-                self._handles.append(module.register_forward_pre_hook(self._on_attention_start))
+                # First in and last out of the module's hooks, so that another hook pair entering a mode nests inside.
+                self._handles.append(module.register_forward_pre_hook(self._on_attention_start, prepend=True))
                 self._handles.append(module.register_forward_hook(self._on_attention, always_call=True))
         if self._head is not None:
             self._handles.append(self._head.register_forward_hook(self._on_logits))
@@ -368,7 +377,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._handles = []
         for module in self._attention.values():  # a forward pass interrupted (KeyboardInterrupt) inside the module
             for capture in reversed(module.__dict__.pop(CAPTURE_SLOT, None) or []):
-                capture.exit_if_innermost()
+                capture.leave()
         for module, before in self._switched:
             module.return_attention = before
         self._switched = []
@@ -438,7 +447,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         capture = None
         if not torch.compiler.is_compiling() and module.__dict__.get(CAPTURE_SLOT):
             capture = module.__dict__[CAPTURE_SLOT].pop()
-            capture.exit_if_innermost()
+            capture.leave()
+            if output is None:
+                return  # the forward pass raised (an `always_call` hook still runs): nothing to file
         probs = attention_probabilities(output)
         if probs is not None and probs.numel() > 0:
             module._llmdbg_attn = _merged(module._llmdbg_attn, stats.attention_partials(probs), attention_logit_max(output))
@@ -461,7 +472,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 self._no_capture.add(id(module))
                 rank_zero_warn(
                     f"ActivationProbe: the attention weights of {names.get(id(module), type(module).__name__)!r} could "
-                    f"not be recomputed from its scaled_dot_product_attention call ({type(error).__name__}: {error}); "
+                    f"not be recomputed from its scaled_dot_product_attention call ({error}); "
                     "its attention entropy is no longer logged. Training goes on."
                 )
         self._capture_errors = []

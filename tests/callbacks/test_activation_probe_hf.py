@@ -169,3 +169,60 @@ def test_weights_that_cannot_be_formed_again_stop_that_entropy_with_a_warning_no
     tags = read_events(logger.log_dir).Tags()["scalars"]
     assert "llmdbg/act/transformer.h.0/rms" in tags and not any("/attn/" in t for t in tags)
     assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
+
+
+def test_an_error_caught_inside_training_step_leaves_the_mode_and_files_nothing(tmp_path):
+    """`always_call`: the capture of a forward pass that raised is left at once and its partial sums dropped."""
+    seen = {}
+
+    def boom(mod, args):
+        raise RuntimeError("boom")
+
+    class CatchesOne(HFGPT2):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                handle = self.model.transformer.h[0].attn.c_proj.register_forward_pre_hook(boom)  # after its SDPA call
+                try:
+                    self.model(input_ids=(batch["input_ids"] + 1) % 256)  # other text: it would show if counted
+                except RuntimeError:
+                    pass
+                handle.remove()
+                seen["modes after the caught error"] = torch._C._len_torch_function_stack()
+            return super().training_step(batch, batch_idx)
+
+    entropy = {}
+    for name, cls in (("clean", HFGPT2), ("caught", CatchesOne)):
+        pl.seed_everything(0)
+        module = _sharpened(cls("sdpa"))
+        logger = TensorBoardLogger(str(tmp_path), name=name)
+        probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
+        pl.Trainer(max_steps=2, logger=logger, callbacks=[probe], **trainer_kwargs()).fit(module, small_data())
+        entropy[name] = scalars(read_events(logger.log_dir), "llmdbg/attn/transformer.h.0/entropy_mean")
+    assert seen["modes after the caught error"] == 0
+    assert entropy["caught"][1] == pytest.approx(entropy["clean"][1], rel=1e-6)  # the failed pass did not count
+
+
+def test_a_users_mode_entered_by_hooks_on_the_attention_module_nests_inside_the_probes(tmp_path):
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.sdpa_calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.sdpa_calls += func is torch.nn.functional.scaled_dot_product_attention
+            return func(*args, **(kwargs or {}))
+
+    pl.seed_everything(0)
+    module = HFGPT2("sdpa")
+    attn, entered, left = module.model.transformer.h[0].attn, [], []
+    attn.register_forward_pre_hook(lambda m, a: entered.append(Counting().__enter__()))
+    attn.register_forward_hook(lambda m, a, o: left.append(entered.pop()) or left[-1].__exit__(None, None, None))
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
+    pl.Trainer(max_steps=2, logger=logger, callbacks=[probe], **trainer_kwargs()).fit(module, small_data())
+    assert torch._C._len_torch_function_stack() == 0, "a function mode outlived the fit"
+    assert [m.sdpa_calls for m in left] == [1, 1]  # the user's mode saw each step's call
+    assert set(scalars(read_events(logger.log_dir), "llmdbg/attn/transformer.h.0/entropy_mean")) == {0, 1}
+    assert count_hooks(module) == 2  # the user's own pair
