@@ -226,3 +226,43 @@ def test_a_users_mode_entered_by_hooks_on_the_attention_module_nests_inside_the_
     assert [m.sdpa_calls for m in left] == [1, 1]  # the user's mode saw each step's call
     assert set(scalars(read_events(logger.log_dir), "llmdbg/attn/transformer.h.0/entropy_mean")) == {0, 1}
     assert count_hooks(module) == 2  # the user's own pair
+
+
+def _right_padding(input_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence i of the batch ends 3·i positions early (its keys there are masked; no query loses every key)."""
+    mask = torch.ones_like(input_ids)
+    for i in range(input_ids.shape[0]):
+        if i:
+            mask[i, -3 * i :] = 0
+    return mask
+
+
+def test_gpt2_under_sdpa_attention_with_padding_matches_the_eager_weights(tmp_path):
+    class Padded(HFGPT2):
+        def training_step(self, batch, batch_idx):
+            ids = batch["input_ids"]
+            return self.model(input_ids=ids, attention_mask=_right_padding(ids), labels=ids).loss
+
+    pl.seed_everything(0)
+    module = _sharpened(Padded("sdpa"))
+    seen = {}
+
+    class Direct(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                twin = HFGPT2("eager")
+                twin.load_state_dict(pl_module.state_dict())
+                ids = batch["input_ids"]
+                with torch.no_grad():
+                    out = twin.model(input_ids=ids, attention_mask=_right_padding(ids), output_attentions=True)
+                seen["attentions"] = [a.clone() for a in out.attentions]
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
+    pl.Trainer(max_steps=1, logger=logger, callbacks=[Direct(), probe], **trainer_kwargs()).fit(module, small_data())
+    events = read_events(logger.log_dir)
+    for i, probs in enumerate(seen["attentions"]):
+        p = probs.double()
+        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
