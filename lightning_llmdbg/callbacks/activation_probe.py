@@ -254,9 +254,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._head: nn.Module | None = None
         self._handles: list[Any] = []
         self._switched: list[tuple[nn.Module, Any]] = []  # modules whose `return_attention` we set, with its old value
-        self._returns_weights: set[int] = set()  # ids of attention modules that returned their weights: no capture
+        # ids of attention modules not to capture: they return their weights, or their weights could not be formed again
+        self._not_captured: set[int] = set()
         self._capture_errors: list[tuple[nn.Module, str]] = []
-        self._no_capture: set[int] = set()  # ids of attention modules whose weights could not be recomputed
         self._pending_step: int | None = None
         self._acc = _Accumulator()
         self._loss_scale = 1.0
@@ -277,7 +277,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._device = trainer.strategy.root_device
         self._targets = self._resolve(pl_module)
         self._attention = attention_modules(self._targets) if self.attention else {}
-        self._returns_weights, self._no_capture, self._capture_errors = set(), set(), []
+        self._not_captured, self._capture_errors = set(), []
         self._head = head_module(pl_module) if self.logits else None
         if self._writers is not None:
             charts = {f"{PREFIX}/act/{s}": [rf"{PREFIX}/act/.*/{s}$"] for s in self.stats}
@@ -358,16 +358,16 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         for module in self._targets.values():
             self._handles.append(module.register_forward_hook(self._on_activation))
         for module in self._attention.values():
-            if hasattr(module, "return_attention"):
+            switchable = hasattr(module, "return_attention")
+            if switchable:
                 self._switched.append((module, module.return_attention))
                 module.return_attention = True
-                self._handles.append(module.register_forward_hook(self._on_attention))
-            elif id(module) in self._returns_weights or id(module) in self._no_capture:
-                self._handles.append(module.register_forward_hook(self._on_attention))
-            else:  # its `scaled_dot_product_attention` calls are caught; `always_call` leaves the mode on an error
-                # First in and last out of the module's hooks, so that another hook pair entering a mode nests inside.
+            # Otherwise its `scaled_dot_product_attention` calls are caught: the pre-hook comes first and the hook
+            # (`always_call`, so that the mode is left on an error) last, so that another hook pair's mode nests inside.
+            captured = not switchable and id(module) not in self._not_captured
+            if captured:
                 self._handles.append(module.register_forward_pre_hook(self._on_attention_start, prepend=True))
-                self._handles.append(module.register_forward_hook(self._on_attention, always_call=True))
+            self._handles.append(module.register_forward_hook(self._on_attention, always_call=captured))
         if self._head is not None:
             self._handles.append(self._head.register_forward_hook(self._on_logits))
 
@@ -454,7 +454,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if probs is not None and probs.numel() > 0:
             module._llmdbg_attn = _merged(module._llmdbg_attn, stats.attention_partials(probs), attention_logit_max(output))
             if capture is not None:
-                self._returns_weights.add(id(module))
+                self._not_captured.add(id(module))
         elif capture is not None and capture.partials is not None:
             module._llmdbg_attn = _merged(module._llmdbg_attn, *capture.partials)
         if capture is not None and capture.error is not None:
@@ -468,8 +468,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _report_capture_errors(self) -> None:
         names = {id(m): k for k, m in self._attention.items()}
         for module, error in self._capture_errors:
-            if id(module) not in self._no_capture:
-                self._no_capture.add(id(module))
+            if id(module) not in self._not_captured:
+                self._not_captured.add(id(module))
                 rank_zero_warn(
                     f"ActivationProbe: the attention weights of {names.get(id(module), type(module).__name__)!r} could "
                     f"not be recomputed from its scaled_dot_product_attention call ({error}); "

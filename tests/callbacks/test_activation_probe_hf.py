@@ -40,6 +40,19 @@ def _with_attention(config, attention):
     return GPT2LMHeadModel(config)
 
 
+def _assert_entropy_of(attentions, events) -> list[torch.Tensor]:
+    """Each layer's logged mean and lowest-head entropy equal those of its probabilities (HF ``output_attentions``),
+    computed here in float64; returns the per-head entropies."""
+    entropies = []
+    for i, probs in enumerate(attentions):
+        p = probs.double()
+        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
+        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+        entropies.append(per_head)
+    return entropies
+
+
 def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
     pl.seed_everything(0)
     module = HFGPT2()
@@ -69,11 +82,7 @@ def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
     for i in range(N_LAYER - 1):
         for stat, value in _independent_stats(seen["hidden"][i + 1]).items():
             assert_close(scalars(events, f"llmdbg/act/transformer.h.{i}/{stat}")[0], value, 1e-5, f"block {i} {stat}")
-    for i, probs in enumerate(seen["attentions"]):
-        p = probs.double()
-        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+    _assert_entropy_of(seen["attentions"], events)
     assert_close(scalars(events, "llmdbg/logits/lse_sq")[0], seen["lse_sq"], 1e-5, "lse_sq")
     assert_close(scalars(events, "llmdbg/logits/max")[0], seen["max"], 1e-6, "max logit")
 
@@ -116,13 +125,8 @@ def test_gpt2_under_sdpa_attention_logs_the_entropy_and_logit_max_of_weights_it_
     trainer.fit(module, small_data())
     events = read_events(logger.log_dir)
 
-    entropies = []
-    for i, probs in enumerate(seen["attentions"]):
-        p = probs.double()
-        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
-        entropies.append(per_head)
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+    entropies = _assert_entropy_of(seen["attentions"], events)
+    for i in range(N_LAYER):
         assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/logit_max")[0], seen["logit_max"][i], 1e-5, f"logit max {i}")
         assert set(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")) == {0, 1}
     assert entropies[0].max() - entropies[0].min() > 0.1, "the heads should differ for this test to mean much"
@@ -260,9 +264,4 @@ def test_gpt2_under_sdpa_attention_with_padding_matches_the_eager_weights(tmp_pa
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     probe = ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)
     pl.Trainer(max_steps=1, logger=logger, callbacks=[Direct(), probe], **trainer_kwargs()).fit(module, small_data())
-    events = read_events(logger.log_dir)
-    for i, probs in enumerate(seen["attentions"]):
-        p = probs.double()
-        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+    _assert_entropy_of(seen["attentions"], read_events(logger.log_dir))
