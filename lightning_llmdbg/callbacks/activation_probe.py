@@ -67,6 +67,7 @@ def attention_logit_max(output: Any) -> Tensor | None:
 SLOTS = {"act": "_llmdbg_act", "hist": "_llmdbg_hist", "attn": "_llmdbg_attn", "logits": "_llmdbg_logits"}
 GRADIENT_SLOT = "_llmdbg_grad"  # a float64 [sum of squares, count] buffer, added to in place during backward
 CAPTURE_SLOT = "_llmdbg_capture"  # the _AttentionCapture entered for the module's forward pass now running
+CAPTURE_FAILURES = "capture_failures"  # the accumulator key of `_capture_failures`, reduced with the maxima
 
 
 def _attention_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -183,9 +184,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       and forms its weights again from the queries, keys, mask and scale, without gradient and a chunk of query
       rows at a time (no ``[B, H, L, S]`` tensor is ever whole). Rows whose every key a boolean or −inf mask
       hides are left out. Not under ``torch.compile`` (such a model logs entropy only if its attention returns
-      probabilities) and not for flash-attention kernels called directly. HF eager attention returns its weights
-      after attention dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again are
-      before dropout.
+      probabilities) and not for flash-attention kernels called directly. Where forming a module's weights again
+      fails on any rank, its entropy stops on every rank, with a warning that quotes the error. HF eager
+      attention returns its weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities);
+      weights formed again are before dropout.
     - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d or the call's own
       scale, plus a float mask), for modules that call ``scaled_dot_product_attention`` and for those that return
       it as a third element ``(output, probabilities, logit_max)``, as the reference GPT does; probabilities alone
@@ -257,6 +259,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         # ids of attention modules not to capture: they return their weights, or their weights could not be formed again
         self._not_captured: set[int] = set()
         self._capture_errors: list[tuple[nn.Module, str]] = []
+        self._capture_stopped: set[str] = set()  # attention modules whose weights could not be formed again
         self._pending_step: int | None = None
         self._acc = _Accumulator()
         self._loss_scale = 1.0
@@ -277,7 +280,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._device = trainer.strategy.root_device
         self._targets = self._resolve(pl_module)
         self._attention = attention_modules(self._targets) if self.attention else {}
-        self._not_captured, self._capture_errors = set(), []
+        self._not_captured, self._capture_errors, self._capture_stopped = set(), [], set()
         self._head = head_module(pl_module) if self.logits else None
         if self._writers is not None:
             charts = {f"{PREFIX}/act/{s}": [rf"{PREFIX}/act/.*/{s}$"] for s in self.stats}
@@ -465,17 +468,37 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if logits is not None and logits.numel() > 0 and logits.is_floating_point():
             module._llmdbg_logits = _merged(module._llmdbg_logits, *stats.logit_partials(logits))
 
-    def _report_capture_errors(self) -> None:
-        names = {id(m): k for k, m in self._attention.items()}
-        for module, error in self._capture_errors:
-            if id(module) not in self._not_captured:
-                self._not_captured.add(id(module))
-                rank_zero_warn(
-                    f"ActivationProbe: the attention weights of {names.get(id(module), type(module).__name__)!r} could "
-                    f"not be recomputed from its scaled_dot_product_attention call ({error}); "
-                    "its attention entropy is no longer logged. Training goes on."
-                )
-        self._capture_errors = []
+    def _capture_failures(self) -> Tensor:
+        """Per attention module, 1 if forming its weights again failed on this rank at this step, else 0. Reduced with
+        the maxima, so that every rank learns which modules failed on any rank."""
+        failed = {id(module) for module, _ in self._capture_errors}
+        flags = [float(id(module) in failed) for module in self._attention.values()]
+        return torch.tensor(flags, dtype=torch.float32, device=self._device)
+
+    def _stop_capturing(self, failures: Tensor | None) -> set[str]:
+        """Stop capturing, on every rank, the attention modules whose weights could not be formed again on some rank
+        at this step: one warning per module, quoting each failing rank's error. Returns their names.
+
+        ``failures`` is the same on every rank (a MAX reduction): every rank gathers the errors, or none does.
+        """
+        errors, self._capture_errors = self._capture_errors, []
+        failed = set() if failures is None else {n for n, flag in zip(self._attention, failures.tolist()) if flag > 0}
+        if not failed:
+            return failed
+        names = {id(module): name for name, module in self._attention.items()}
+        rank = torch.distributed.get_rank() if distributed.is_distributed() else None
+        mine = [(names[id(module)], rank, error) for module, error in errors if id(module) in names]
+        reported = [entry for per_rank in distributed.all_gather_objects(mine) for entry in per_rank]
+        for name in sorted(failed - self._capture_stopped):
+            self._capture_stopped.add(name)
+            self._not_captured.add(id(self._attention[name]))
+            where = "; ".join(error if r is None else f"rank {r}: {error}" for n, r, error in reported if n == name)
+            rank_zero_warn(
+                f"ActivationProbe: the attention weights of {name!r} could not be recomputed from its "
+                f"scaled_dot_product_attention call ({where}); its attention entropy is no longer logged, on any rank. "
+                "Training goes on."
+            )
+        return failed
 
     # -- reduction and output ----------------------------------------------------------------------------------
     def _expected_keys(self) -> list[str]:
@@ -484,6 +507,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         keys += [f"grad/{k}" for k in self._targets] if self.gradients else []
         keys += [f"attn/{k}" for k in self._attention]
         keys += ["logits"] if self._head is not None else []
+        keys += [CAPTURE_FAILURES] if self._attention else []
         return keys
 
     def _finish(self, step: int) -> None:
@@ -491,7 +515,11 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         keys = self._expected_keys()
         if distributed.is_distributed():  # ranks' activation partials are about their own means: to shift 0
             acc.sums = {k: stats.activation_partials_about_zero(v) if k.startswith("act/") else v for k, v in acc.sums.items()}
+        if self._attention:
+            acc.maxes[CAPTURE_FAILURES] = self._capture_failures()
         sums, maxes = distributed.reduce_partials(acc.sums, acc.maxes, keys, self._device)
+        # A module that failed on one rank has the other ranks' weights only: not the global statistic, left out.
+        failed_attention = self._stop_capturing(maxes.pop(CAPTURE_FAILURES, None))
         values: dict[str, float] = {}
         histograms = {}
         for key in keys:
@@ -509,7 +537,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 # Data-parallel ranks average their gradients, so the objective is the mean of the ranks' losses.
                 world = torch.distributed.get_world_size() if distributed.is_distributed() else 1
                 values[f"{PREFIX}/act_grad/{name}/rms"] = (total / count) ** 0.5 / self._loss_scale / world
-            elif kind == "attn":
+            elif kind == "attn" and name not in failed_attention:
                 values.update({f"{PREFIX}/attn/{name}/{s}": v for s, v in stats.attention_stats(partial).items()})
                 if key in maxes:
                     values[f"{PREFIX}/attn/{name}/logit_max"] = float(maxes[key][0])
@@ -520,10 +548,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             elif kind == "hist":
                 histograms[name] = stats.fixed_histogram(partial)
         self._count_sample(step)
-        self._report_capture_errors()
         if not any(k.startswith(("act/", "attn/", "logits")) for k in sums):
             return  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
-        if self._attention and not any(k.startswith("attn/") for k in sums) and not self._warned_no_attention:
+        no_attention = self._attention and not any(k.startswith("attn/") for k in sums) and not self._capture_stopped
+        if no_attention and not self._warned_no_attention:  # (modules whose capture failed were warned about)
             self._warned_no_attention = True
             rank_zero_warn(
                 "ActivationProbe: the attention modules neither returned their attention probabilities nor called "

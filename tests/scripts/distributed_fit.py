@@ -3,10 +3,15 @@
 Run as a script (Lightning's launcher re-runs ``sys.argv`` for the second rank, so it cannot run inside pytest):
 
     python tests/scripts/distributed_fit.py {single,ddp,fsdp} OUT_DIR [--precision P] [--accumulate N] [--every-callback]
+    python tests/scripts/distributed_fit.py {single,ddp,fsdp} OUT_DIR --hf-sdpa [--fail-capture-on-rank R]
 
 Without ``--every-callback`` it runs GradientMonitor and ActivationProbe with histograms; with it, all four
 callbacks at every step. Either way it writes ``OUT_DIR/<mode>/reference_norms.json``: the total gradient norm at
 each optimizer step, computed here independently of the package (float64, full tensors under FSDP2).
+
+With ``--hf-sdpa`` the model is a small Hugging Face GPT-2 under SDPA attention and the callback ActivationProbe alone
+(every step, ``transformer.h.*``), whose attention entropy comes from weights formed again; ``--fail-capture-on-rank``
+makes forming them fail on that rank only.
 """
 
 import argparse
@@ -24,8 +29,9 @@ from pytorch_lightning.plugins import MixedPrecision  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger  # noqa: E402
+from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger, stats  # noqa: E402
 from lightning_llmdbg.testing import PydocDataModule, TinyGPTModule  # noqa: E402
+from tests.callbacks.test_activation_probe_hf import HFGPT2  # noqa: E402
 from tests.helpers import RecordGradNorms, small_data, small_gpt, trainer_kwargs  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -77,6 +83,32 @@ def debugger_callbacks(every_callback: bool) -> list[pl.Callback]:
     return [monitor, probe, HardExampleLogger(k=2, every_n_steps=1), AnomalyAlert()]
 
 
+class ShardedHFGPT2(HFGPT2):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def fail_capture_on_rank(rank: int) -> None:
+    recompute = stats.scaled_dot_product_attention_partials
+
+    def failing(*args, **kwargs):
+        if dist.is_initialized() and dist.get_rank() == rank:
+            raise RuntimeError(f"injected on rank {rank}")
+        return recompute(*args, **kwargs)
+
+    stats.scaled_dot_product_attention_partials = failing
+
+
+def hf_sdpa_model(mode: str) -> pl.LightningModule:
+    pl.seed_everything(0, verbose=False)  # the same weights on every rank, as fully_shard expects
+    return ShardedHFGPT2("sdpa") if mode == "fsdp" else HFGPT2("sdpa")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["single", "ddp", "fsdp"])
@@ -84,19 +116,30 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--every-callback", action="store_true")
+    parser.add_argument("--hf-sdpa", action="store_true")
+    parser.add_argument("--fail-capture-on-rank", type=int)
     args = parser.parse_args()
+    if args.fail_capture_on_rank is not None:
+        fail_capture_on_rank(args.fail_capture_on_rank)
 
     devices = 1 if args.mode == "single" else 2
     if args.mode == "fsdp":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp" if args.mode == "ddp" else "auto"
+    if args.hf_sdpa:
+        model = hf_sdpa_model(args.mode)
+    elif args.mode == "fsdp":
         config = small_gpt().config
         # The same seed as `small_gpt`, on every rank: fully_shard shards each rank's own initial weights.
         pl.seed_everything(0, verbose=False)
         model = ShardedGPT(config)
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         model = small_gpt()
-        strategy = "ddp" if args.mode == "ddp" else "auto"
-    callbacks = debugger_callbacks(args.every_callback)
+    if args.hf_sdpa:
+        callbacks = [ActivationProbe(modules=["transformer.h.*"], every_n_steps=1)]
+    else:
+        callbacks = debugger_callbacks(args.every_callback)
     log_dir = args.out_dir / args.mode
     trainer = pl.Trainer(
         max_steps=STEPS,
