@@ -353,38 +353,6 @@ def scaled_dot_product_attention_partials(
         entropy = torch.where(some_key, entropy, 0.0).view(batch, heads, length)
         per_head = torch.stack([entropy.sum(dim=(0, 2), dtype=torch.float64), some_key.view(batch, heads, length).sum(dim=(0, 2), dtype=torch.float64)])
         return per_head.flatten(), row_max.amax().reshape(1)
-        budget = _RECOMPUTE_CHUNK_VALUES.get(device.type, _RECOMPUTE_CHUNK_DEFAULT)
-        rows_per_chunk = min(length, max(1, budget // keys))
-        matrices_per_chunk = max(1, budget // (rows_per_chunk * keys)) if rows_per_chunk == length else 1
-        scratch = torch.empty((matrices_per_chunk * rows_per_chunk, keys), dtype=torch.float32, device=device)
-        matrix = torch.arange(matrices, device=device)
-        batch_of, head_of = matrix // heads, matrix % heads
-        for r0 in range(0, length, rows_per_chunk):
-            r1 = min(r0 + rows_per_chunk, length)
-            # Masks become a bias that the matrix product adds (a masked_fill broadcast over the matrices: 3x slower).
-            causal = None
-            if is_causal:
-                causal = torch.full((r1 - r0, keys), float("-inf"), dtype=torch.float32, device=device).triu_(r0 + 1)
-            for m0 in range(0, matrices, matrices_per_chunk):
-                m1 = min(m0 + matrices_per_chunk, matrices)
-                bias = causal
-                if mask is not None:
-                    part = mask[batch_of[m0:m1], head_of[m0:m1], r0:r1]
-                    part = torch.where(part, 0.0, float("-inf")).float() if part.dtype == torch.bool else part.float()
-                    bias = part if bias is None else part + bias
-                if bias is None:
-                    logits = torch.bmm(q[m0:m1, r0:r1], k[m0:m1])
-                else:
-                    logits = torch.baddbmm(bias, q[m0:m1, r0:r1], k[m0:m1])
-                row_max = logits.amax(-1)
-                logit_max = torch.maximum(logit_max, row_max.amax().reshape(1))
-                probs = logits.softmax(-1)
-                entropy = _row_entropy(probs.flatten(0, 1), scratch).view(row_max.shape)
-                some_key = row_max != float("-inf")  # NaN logits stay in, so that they show
-                entropy = torch.where(some_key, entropy, 0.0)
-                per_head[0].index_add_(0, head_of[m0:m1], entropy.sum(-1, dtype=torch.float64))
-                per_head[1].index_add_(0, head_of[m0:m1], some_key.sum(-1, dtype=torch.float64))
-        return per_head.flatten(), logit_max
 
 
 def attention_stats(partials: Tensor) -> dict[str, float]:
