@@ -26,6 +26,10 @@ result moved to the host.
     python benchmarks/overhead.py --cycles 2 --slow-cycles 2 --batch-size 4   # a quick look
     python benchmarks/overhead.py --arms activation_probe_every_block_every_step --width 384   # a wider model
     python benchmarks/overhead.py --hf-gpt2 --arms activation_probe_every_block_every_step,hf_gpt2_eager_attention_only
+
+Arms named only with ``--arms`` take the every-step probe apart (``ABLATION_ARMS``): without attention, without
+attention and logits, the reference GPT returning its attention weights alone, and the probe with the reference GPT's
+eager switch hidden so that its entropy comes from weights formed again (``activation_probe_every_step_fused_attention``).
 """
 
 from __future__ import annotations
@@ -331,6 +335,21 @@ class ReturnAttentionOnly(pl.Callback):
             block.attn.return_attention = False
 
 
+class ActivationProbeKeepingFusedAttention(ActivationProbe):
+    """ActivationProbe on every step with the reference GPT's ``return_attention`` switch hidden, so that its
+    attention keeps the fused kernel and the entropy comes from the weights formed again (as for Hugging Face SDPA)."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        for block in pl_module.model.transformer.h:
+            block.attn.__dict__.pop("return_attention", None)
+        super().on_train_batch_start(trainer, pl_module, *args)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        for block in pl_module.model.transformer.h:
+            block.attn.return_attention = False
+
+
 class HuggingFaceEagerAttention(pl.Callback):
     """``--hf-gpt2`` only: the model under eager attention, what loading it with ``attn_implementation="eager"`` (so
     that its attention modules return their weights) costs on every step, with no hook and no statistic."""
@@ -346,6 +365,7 @@ ABLATION_ARMS = {  # blocks of 25 steps; only with --arms: where ActivationProbe
     "activation_probe_every_step_no_attention": lambda: ActivationProbe(every_n_steps=1, attention=False),
     "activation_probe_every_step_no_attention_no_logits": lambda: ActivationProbe(every_n_steps=1, attention=False, logits=False),
     "reference_gpt_returning_attention_only": lambda: ReturnAttentionOnly(),
+    "activation_probe_every_step_fused_attention": lambda: ActivationProbeKeepingFusedAttention(every_n_steps=1),
     "hf_gpt2_eager_attention_only": lambda: HuggingFaceEagerAttention(),
 }
 SLOW_INTERVAL_ARMS = {  # blocks of 100 steps: ActivationProbe samples every 100 steps by default
