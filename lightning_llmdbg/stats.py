@@ -319,7 +319,8 @@ def scaled_dot_product_attention_partials(
         device = q.device
         matrices = batch * heads
         if matrices == 0 or length == 0 or keys == 0:
-            return torch.zeros(2 * heads, dtype=torch.float64, device=device), torch.full((1,), float("-inf"), device=device)
+            nothing = torch.zeros(2 * heads, dtype=torch.float64, device=device)
+            return nothing, torch.full((1,), float("-inf"), device=device)
         # Each row's entropy and largest logit, [batch·heads, L] (the size of one query channel): the per-head sums
         # are taken once at the end, not chunk by chunk.
         entropy = torch.empty((matrices, length), dtype=torch.float32, device=device)
@@ -331,7 +332,8 @@ def scaled_dot_product_attention_partials(
             # are never formed (with 4 bands, 62.5% of the weights).
             rows_per_chunk = min(rows_per_chunk, -(-length // _CAUSAL_BANDS))
         # A chunk holds at most `budget` values (a single row wider than that: the row).
-        scratch = torch.empty(min(matrices * rows_per_chunk * keys, max(budget, keys)), dtype=torch.float32, device=device)
+        scratch_values = min(matrices * rows_per_chunk * keys, max(budget, keys))
+        scratch = torch.empty(scratch_values, dtype=torch.float32, device=device)
         matrix = torch.arange(matrices, device=device)
         batch_of, head_of = matrix // heads, matrix % heads
         for r0 in range(0, length, rows_per_chunk):
@@ -358,7 +360,8 @@ def scaled_dot_product_attention_partials(
                 entropy[m0:m1, r0:r1] = _row_entropy(probs.flatten(0, 1), scratch).view(m1 - m0, r1 - r0)
         some_key = row_max != float("-inf")  # NaN logits stay in, so that they show
         entropy = torch.where(some_key, entropy, 0.0).view(batch, heads, length)
-        per_head = torch.stack([entropy.sum(dim=(0, 2), dtype=torch.float64), some_key.view(batch, heads, length).sum(dim=(0, 2), dtype=torch.float64)])
+        rows = some_key.view(batch, heads, length).sum(dim=(0, 2), dtype=torch.float64)
+        per_head = torch.stack([entropy.sum(dim=(0, 2), dtype=torch.float64), rows])
         return per_head.flatten(), row_max.amax().reshape(1)
 
 

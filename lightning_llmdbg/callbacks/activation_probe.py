@@ -183,8 +183,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       catches each such call in the module's forward pass (a ``TorchFunctionMode`` entered for that pass only)
       and forms its weights again from the queries, keys, mask and scale, without gradient and a chunk of query
       rows at a time (no ``[B, H, L, S]`` tensor is ever whole). Rows whose every key a boolean or −inf mask
-      hides are left out. Not under ``torch.compile`` (such a model logs entropy only if its attention returns
-      probabilities) and not for flash-attention kernels called directly. Where forming a module's weights again
+      hides are left out. Not where the attention module itself runs under ``torch.compile`` (such a model logs
+      entropy only if its attention returns probabilities; a compiled function called inside an eager attention
+      module is caught) and not for flash-attention kernels called directly. Where forming a module's weights again
       fails on any rank, its entropy stops on every rank, with a warning that quotes the error. HF eager
       attention returns its weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities);
       weights formed again are before dropout.

@@ -132,3 +132,75 @@ def test_a_compiled_model_logs_what_the_eager_model_logs(tmp_path):
         assert sorted(logged["compiled"][tag]) == sorted(eager), tag
         for step, value in eager.items():
             assert logged["compiled"][tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+
+
+def _causal_attention(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class InnerAttention(torch.nn.Module):
+    """Attention whose ``scaled_dot_product_attention`` call sits in a function of its own, compiled or not."""
+
+    def __init__(self, width: int, heads: int, attend) -> None:
+        super().__init__()
+        self.heads, self.attend = heads, attend
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        return self.out(self.attend(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+class InnerAttentionBlock(torch.nn.Module):
+    def __init__(self, width: int, heads: int, attend) -> None:
+        super().__init__()
+        self.ln, self.attn, self.mlp = torch.nn.LayerNorm(width), InnerAttention(width, heads, attend), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln(x))
+        return x + self.mlp(x)
+
+
+class InnerAttentionLM(pl.LightningModule):
+    def __init__(self, attend) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 32)
+        self.h = torch.nn.ModuleList([InnerAttentionBlock(32, 4, attend) for _ in range(2)])
+        self.lm_head = torch.nn.Linear(32, 256)
+
+    def training_step(self, batch, batch_idx):
+        x = self.embed(batch["input_ids"])
+        for block in self.h:
+            x = block(x)
+        return torch.nn.functional.cross_entropy(self.lm_head(x).flatten(0, 1), batch["input_ids"].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_compiled_function_that_calls_sdpa_inside_an_attention_module_gives_the_eager_entropy(tmp_path):
+    """The probe's function mode is entered around the compiled call: dynamo compiles it once more, with the mode,
+    for sampled steps (and keeps its first graph for the others), and the entropy is that of the eager function."""
+    logged, counter = {}, GraphCounter()
+    for style in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        pl.seed_everything(0)
+        module = InnerAttentionLM(torch.compile(_causal_attention, backend=counter) if style == "compiled" else _causal_attention)
+        logger = TensorBoardLogger(str(tmp_path), name=style, version=0)
+        probe = ActivationProbe(modules=["h.*"], every_n_steps=2)
+        trainer = pl.Trainer(max_steps=6, logger=logger, callbacks=[probe], **trainer_kwargs())
+        trainer.fit(module, small_data())
+        events = read_events(logger.log_dir)
+        logged[style] = {t: scalars(events, t) for t in events.Tags()["scalars"] if t.startswith("llmdbg/attn/")}
+        assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
+    assert sorted(logged["eager"]) == sorted(logged["compiled"]) == sorted(
+        f"llmdbg/attn/h.{i}/{s}" for i in range(2) for s in ("entropy_mean", "entropy_min", "logit_max")
+    )
+    for tag, eager in logged["eager"].items():
+        assert sorted(eager) == [0, 2, 4], tag
+        for step, value in eager.items():
+            assert logged["compiled"][tag][step] == pytest.approx(value, rel=1e-5), (tag, step)
+    assert len(counter.inputs) <= 2, "the attention function compiled more than once per mode"
+    assert sum(counter.calls.values()) == 6 * 2, "a step ran the attention function outside its compiled graphs"
