@@ -328,8 +328,8 @@ def scaled_dot_product_attention_partials(
         budget = _RECOMPUTE_CHUNK_VALUES.get(device.type, _RECOMPUTE_CHUNK_DEFAULT)
         rows_per_chunk = min(length, max(1, budget // keys))
         if is_causal:
-            # Row bands (at least _CAUSAL_BANDS): a band's rows see keys up to its last row only, so the keys after it
-            # are never formed (with 4 bands, 62.5% of the weights).
+            # Row bands (at least _CAUSAL_BANDS): a band's rows see keys up to its last row only, and the keys after
+            # it are never formed (with 4 bands and L = S, 62.5% of the weights are formed).
             rows_per_chunk = min(rows_per_chunk, -(-length // _CAUSAL_BANDS))
         # A chunk holds at most `budget` values (a single row wider than that: the row).
         scratch_values = min(matrices * rows_per_chunk * keys, max(budget, keys))

@@ -159,7 +159,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     backward and goes with the graph. Statistics are computed on the device inside the hook, as partial sums
     that add up over micro-batches and ranks; no activation is kept after a hook returns. After the optimizer
     step the partial sums are reduced across processes (one SUM and one MAX collective, after a small one that
-    agrees on sizes) and logged.
+    agrees on sizes; on a step where forming attention weights again failed on some rank, also one gather of the
+    errors on every rank) and logged.
 
     Logged keys (``<module>``: ``block_<i>`` for ``"blocks"``, else the module name the pattern matched):
 
@@ -488,7 +489,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             return failed
         names = {id(module): name for name, module in self._attention.items()}
         rank = torch.distributed.get_rank() if distributed.is_distributed() else None
-        mine = [(names[id(module)], rank, error) for module, error in errors if id(module) in names]
+        # Once per module and error: with gradient accumulation a module fails again on each micro-batch.
+        mine = list(dict.fromkeys((names[id(module)], rank, error) for module, error in errors if id(module) in names))
         reported = [entry for per_rank in distributed.all_gather_objects(mine) for entry in per_rank]
         for name in sorted(failed - self._capture_stopped):
             self._capture_stopped.add(name)
@@ -551,8 +553,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self._count_sample(step)
         if not any(k.startswith(("act/", "attn/", "logits")) for k in sums):
             return  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
-        no_attention = self._attention and not any(k.startswith("attn/") for k in sums) and not self._capture_stopped
-        if no_attention and not self._warned_no_attention:  # (modules whose capture failed were warned about)
+        # Modules whose capture failed were warned about; the warning is for the others.
+        silent = set(self._attention) - self._capture_stopped
+        no_attention = silent and not any(k.startswith("attn/") for k in sums)
+        if no_attention and not self._warned_no_attention:
             self._warned_no_attention = True
             rank_zero_warn(
                 "ActivationProbe: the attention modules neither returned their attention probabilities nor called "

@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_llmdbg import ActivationProbe, AnomalyAlert, GradientMonitor, HardExampleLogger, stats  # noqa: E402
 from lightning_llmdbg.testing import PydocDataModule, TinyGPTModule  # noqa: E402
-from tests.callbacks.test_activation_probe_hf import HFGPT2  # noqa: E402
 from tests.helpers import RecordGradNorms, small_data, small_gpt, trainer_kwargs  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -83,16 +82,6 @@ def debugger_callbacks(every_callback: bool) -> list[pl.Callback]:
     return [monitor, probe, HardExampleLogger(k=2, every_n_steps=1), AnomalyAlert()]
 
 
-class ShardedHFGPT2(HFGPT2):
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
-
-
 def fail_capture_on_rank(rank: int) -> None:
     recompute = stats.scaled_dot_product_attention_partials
 
@@ -105,6 +94,17 @@ def fail_capture_on_rank(rank: int) -> None:
 
 
 def hf_sdpa_model(mode: str) -> pl.LightningModule:
+    from tests.callbacks.test_activation_probe_hf import HFGPT2  # transformers: only for --hf-sdpa
+
+    class ShardedHFGPT2(HFGPT2):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
     pl.seed_everything(0, verbose=False)  # the same weights on every rank, as fully_shard expects
     return ShardedHFGPT2("sdpa") if mode == "fsdp" else HFGPT2("sdpa")
 
