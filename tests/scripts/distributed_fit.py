@@ -45,14 +45,19 @@ class InterleavedData(PydocDataModule):
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
 
+def shard_blocks_then_model(module: pl.LightningModule) -> None:
+    """FSDP2 over the data-parallel mesh: each of ``module.model.transformer.h`` on its own, then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = module.device_mesh["data_parallel"]
+    for block in module.model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module.model, mesh=mesh)
+
+
 class ShardedGPT(TinyGPTModule):
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_blocks_then_model(self)
 
 
 class RecordTotalNorm(RecordGradNorms):
@@ -98,12 +103,7 @@ def hf_sdpa_model(mode: str) -> pl.LightningModule:
 
     class ShardedHFGPT2(HFGPT2):
         def configure_model(self) -> None:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for block in self.model.transformer.h:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+            shard_blocks_then_model(self)
 
     pl.seed_everything(0, verbose=False)  # the same weights on every rank, as fully_shard expects
     return ShardedHFGPT2("sdpa") if mode == "fsdp" else HFGPT2("sdpa")
