@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,25 @@ def _attention_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return query, key, attn_mask, is_causal, scale, enable_gqa
 
 
+_MULTI_HEAD_ATTENTION = inspect.signature(F.multi_head_attention_forward)
+
+
+def _multi_head_attention_weights(args: tuple, kwargs: dict) -> Tensor | None:
+    """The per-head weights ``[B, H, L, S]`` that a ``multi_head_attention_forward`` call forms
+    (``nn.MultiheadAttention``, and so PyTorch's ``nn.Transformer*`` layers), before dropout, from a second pass of
+    the same call without gradient that asks for them; None where the call returns them itself. Its inner
+    ``scaled_dot_product_attention`` call is hidden from a function mode (the function hands itself to the mode
+    whole), hence the second pass."""
+    call = _MULTI_HEAD_ATTENTION.bind(*args, **kwargs)
+    call.apply_defaults()
+    if call.arguments["need_weights"] and not call.arguments["average_attn_weights"]:
+        return None  # the module's output holds them
+    call.arguments.update(need_weights=True, average_attn_weights=False, training=False)
+    with torch.no_grad():
+        _, weights = F.multi_head_attention_forward(*call.args, **call.kwargs)
+    return weights if weights.dim() == 4 else weights.unsqueeze(0)  # an unbatched call: [H, L, S]
+
+
 class _AttentionCapture(TorchFunctionMode):
     """Entered for one forward pass of an attention module on a sampled step. Its ``scaled_dot_product_attention``
     calls run as they are; the weights each one forms are recomputed without gradient for their entropy and largest
@@ -89,10 +109,15 @@ class _AttentionCapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and self.error is None:
+        if func in (F.scaled_dot_product_attention, F.multi_head_attention_forward) and self.error is None:
             try:
-                partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
-                self.partials = _merged(self.partials, *partials)
+                if func is F.scaled_dot_product_attention:
+                    partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
+                else:
+                    weights = _multi_head_attention_weights(args, kwargs)
+                    partials = None if weights is None else (stats.attention_partials(weights),)
+                if partials is not None:
+                    self.partials = _merged(self.partials, *partials)
             except Exception as err:  # a statistic never stops training
                 # The message only: a traceback would keep the failed call's temporaries alive until the step ends.
                 self.error = f"{type(err).__name__}: {err}"
@@ -187,13 +212,16 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       hides are left out. Not where the attention module itself runs under ``torch.compile`` (such a model logs
       entropy only if its attention returns probabilities; a compiled function called inside an eager attention
       module is caught) and not for flash-attention kernels called directly. Where forming a module's weights again
-      fails on any rank, its entropy stops on every rank, with a warning that quotes the error. HF eager
-      attention returns its weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities);
-      weights formed again are before dropout.
+      fails on any rank, its entropy stops on every rank, with a warning that quotes the error.
+      ``nn.MultiheadAttention`` (PyTorch's ``nn.Transformer*`` layers) hands its whole call to the mode, which hides
+      the kernel call inside; the probe repeats that call without gradient, asking for its per-head weights (an
+      eager pass of the attention, on sampled steps only; no ``logit_max``). HF eager attention returns its
+      weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again
+      are before dropout.
     - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d or the call's own
-      scale, plus a float mask), for modules that call ``scaled_dot_product_attention`` and for those that return
-      it as a third element ``(output, probabilities, logit_max)``, as the reference GPT does; probabilities alone
-      cannot give it back.
+      scale, plus a float mask), for modules that call ``scaled_dot_product_attention`` themselves (not
+      ``nn.MultiheadAttention``) and for those that return it as a third element ``(output, probabilities,
+      logit_max)``, as the reference GPT does; probabilities alone cannot give it back.
     - ``llmdbg/logits/lse_sq`` and ``llmdbg/logits/max``: mean logsumexp² of the output logits (what z-loss
       penalises) and the largest logit, from the LM head (``lm_head``/``embed_out``/``output_layer``).
     - ``llmdbg/act_hist/<module>``: histogram of the hidden state (``histograms=True``), on fixed log-spaced

@@ -352,3 +352,66 @@ def test_micro_batch_partials_add_up_and_a_width_change_is_left_out_with_a_warni
     assert merged == pytest.approx(whole, rel=1e-6)
     acc.add("grad/block_0", torch.tensor([4.0, 2.0]))
     assert "grad/block_0" not in acc.maxes and acc.sums["grad/block_0"].tolist() == [4.0, 2.0]
+
+
+class TorchTransformerLM(pl.LightningModule):
+    """A causal LM on PyTorch's own ``nn.TransformerEncoder``, whose attention is ``nn.MultiheadAttention``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(32, 256)
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        logits = self.lm_head(self.encoder(self.embed(ids), mask=mask, is_causal=True))
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_weights(tmp_path):
+    """`nn.MultiheadAttention` hands its whole call to a function mode, so the probe asks that call again for its
+    per-head weights, without gradient: the entropy equals theirs, and training is the same as without the probe."""
+    seen, losses = {}, {}
+
+    class Direct(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:  # each layer's weights by hand, in float64, from a copy of the layers
+                import copy
+
+                ids = batch["input_ids"]
+                mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=torch.float64)
+                with torch.no_grad():
+                    x = pl_module.embed(ids).double()
+                    for i, layer in enumerate(copy.deepcopy(pl_module.encoder.layers).double()):
+                        _, p = layer.self_attn(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
+                        seen[i] = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+                        x = layer(x, src_mask=mask, is_causal=True)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.setdefault(self.run, []).append(outputs["loss"].item())
+
+    for run, callbacks in (("plain", []), ("probed", [ActivationProbe(modules=["encoder.layers.*"], every_n_steps=1)])):
+        pl.seed_everything(0)
+        module, direct = TorchTransformerLM(), Direct()
+        direct.run = run
+        logger = TensorBoardLogger(str(tmp_path), name=run)
+        trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[direct, *callbacks], **trainer_kwargs())
+        trainer.fit(module, small_data())
+    events = read_events(logger.log_dir)
+    attention = sorted(t for t in events.Tags()["scalars"] if t.startswith("llmdbg/attn/"))
+    # Weights but no logits: no logit_max.
+    kinds = ("entropy_mean", "entropy_min")
+    assert attention == [f"llmdbg/attn/encoder.layers.{i}/{s}" for i in range(2) for s in kinds]
+    for i, per_head in seen.items():
+        assert per_head.max() - per_head.min() > 1e-4  # the heads differ, so the minimum says something
+        tag = f"llmdbg/attn/encoder.layers.{i}"
+        assert_close(scalars(events, f"{tag}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
+        assert_close(scalars(events, f"{tag}/entropy_min")[0], per_head.min().item(), 1e-5, f"min {i}")
+    assert losses["probed"] == losses["plain"]  # the second pass leaves the step as it was
+    assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
