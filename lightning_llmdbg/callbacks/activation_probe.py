@@ -215,7 +215,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       fails on any rank, its entropy stops on every rank, with a warning that quotes the error.
       ``nn.MultiheadAttention`` (PyTorch's ``nn.Transformer*`` layers) hands its whole call to the mode, which hides
       the kernel call inside; the probe repeats that call without gradient, asking for its per-head weights (an
-      eager pass of the attention, on sampled steps only; no ``logit_max``). HF eager attention returns its
+      eager pass of the attention, on sampled steps only; no ``logit_max``; a query row whose every key is masked
+      has NaN weights there, and so NaN entropy, as the module's own weights do). HF eager attention returns its
       weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again
       are before dropout.
     - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d or the call's own
@@ -525,8 +526,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             self._not_captured.add(id(self._attention[name]))
             where = "; ".join(error if r is None else f"rank {r}: {error}" for n, r, error in reported if n == name)
             rank_zero_warn(
-                f"ActivationProbe: the attention weights of {name!r} could not be recomputed from its "
-                f"scaled_dot_product_attention call ({where}); its attention entropy is no longer logged, on any rank. "
+                f"ActivationProbe: the attention weights of {name!r} could not be recomputed from its attention call "
+                f"({where}); its attention entropy is no longer logged, on any rank. "
                 "Training goes on."
             )
         return failed
