@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,22 +78,44 @@ def _attention_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 _MULTI_HEAD_ATTENTION = inspect.signature(F.multi_head_attention_forward)
+# At most this many weights at once when a `multi_head_attention_forward` call is repeated for them: longer queries
+# go in chunks of rows (each chunk repeats the key and value projections).
+_MULTI_HEAD_CHUNK_VALUES = 1 << 24
+_REPEATING = threading.local()  # set while a call is repeated, so that no capture counts the repeat
 
 
-def _multi_head_attention_weights(args: tuple, kwargs: dict) -> Tensor | None:
-    """The per-head weights ``[B, H, L, S]`` that a ``multi_head_attention_forward`` call forms
-    (``nn.MultiheadAttention``, and so PyTorch's ``nn.Transformer*`` layers), before dropout, from a second pass of
-    the same call without gradient that asks for them; None where the call returns them itself. Its inner
-    ``scaled_dot_product_attention`` call is hidden from a function mode (the function hands itself to the mode
-    whole), hence the second pass."""
+def _multi_head_attention_partials(args: tuple, kwargs: dict, out: Any) -> Tensor:
+    """Attention-entropy partials (:func:`~lightning_llmdbg.stats.attention_partials`) of the per-head weights of a
+    ``multi_head_attention_forward`` call (``nn.MultiheadAttention``, and so PyTorch's ``nn.Transformer*`` layers),
+    before dropout. The call hands itself to a function mode whole, which hides its inner
+    ``scaled_dot_product_attention`` call; so unless its result ``out`` already holds per-head weights without
+    dropout, the call is repeated without gradient asking for them, a chunk of query rows at a time."""
     call = _MULTI_HEAD_ATTENTION.bind(*args, **kwargs)
     call.apply_defaults()
-    if call.arguments["need_weights"] and not call.arguments["average_attn_weights"]:
-        return None  # the module's output holds them
-    call.arguments.update(need_weights=True, average_attn_weights=False, training=False)
-    with torch.no_grad():
-        _, weights = F.multi_head_attention_forward(*call.args, **call.kwargs)
-    return weights if weights.dim() == 4 else weights.unsqueeze(0)  # an unbatched call: [H, L, S]
+    arguments = call.arguments
+    returned = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    no_dropout = not arguments["training"] or arguments["dropout_p"] == 0.0
+    if arguments["need_weights"] and not arguments["average_attn_weights"] and returned is not None and no_dropout:
+        return stats.attention_partials(returned if returned.dim() == 4 else returned.unsqueeze(0))
+    arguments.update(need_weights=True, average_attn_weights=False, training=False)
+    query, mask = arguments["query"], arguments["attn_mask"]  # [L, N, E] or [L, E]; the mask [.., L, S]
+    batch = query.shape[1] if query.dim() == 3 else 1
+    keys = arguments["key"].shape[0] + 2  # (a learned key bias and a zero key add one each)
+    rows = max(1, _MULTI_HEAD_CHUNK_VALUES // (batch * arguments["num_heads"] * keys))
+    partials = None
+    _REPEATING.active = True
+    try:
+        with torch.no_grad():
+            for r0 in range(0, query.shape[0], rows):
+                if rows < query.shape[0]:
+                    arguments["query"] = query[r0 : r0 + rows]
+                    arguments["attn_mask"] = None if mask is None else mask[..., r0 : r0 + rows, :]
+                _, weights = F.multi_head_attention_forward(*call.args, **call.kwargs)
+                part = stats.attention_partials(weights if weights.dim() == 4 else weights.unsqueeze(0))
+                partials = part if partials is None else partials + part
+    finally:
+        _REPEATING.active = False
+    return partials
 
 
 class _AttentionCapture(TorchFunctionMode):
@@ -109,15 +132,14 @@ class _AttentionCapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in (F.scaled_dot_product_attention, F.multi_head_attention_forward) and self.error is None:
+        captured = func in (F.scaled_dot_product_attention, F.multi_head_attention_forward)
+        if captured and self.error is None and not getattr(_REPEATING, "active", False):
             try:
                 if func is F.scaled_dot_product_attention:
                     partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
                 else:
-                    weights = _multi_head_attention_weights(args, kwargs)
-                    partials = None if weights is None else (stats.attention_partials(weights),)
-                if partials is not None:
-                    self.partials = _merged(self.partials, *partials)
+                    partials = (_multi_head_attention_partials(args, kwargs, out),)
+                self.partials = _merged(self.partials, *partials)
             except Exception as err:  # a statistic never stops training
                 # The message only: a traceback would keep the failed call's temporaries alive until the step ends.
                 self.error = f"{type(err).__name__}: {err}"
@@ -214,11 +236,11 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
       module is caught) and not for flash-attention kernels called directly. Where forming a module's weights again
       fails on any rank, its entropy stops on every rank, with a warning that quotes the error.
       ``nn.MultiheadAttention`` (PyTorch's ``nn.Transformer*`` layers) hands its whole call to the mode, which hides
-      the kernel call inside; the probe repeats that call without gradient, asking for its per-head weights (an
-      eager pass of the attention, on sampled steps only; no ``logit_max``; a query row whose every key is masked
-      has NaN weights there, and so NaN entropy, as the module's own weights do). HF eager attention returns its
-      weights after attention dropout (with ``attn_pdrop > 0`` they are not probabilities); weights formed again
-      are before dropout.
+      the kernel call inside; the probe repeats that call without gradient or dropout, asking for its per-head
+      weights (an eager pass of the attention on sampled steps only, in chunks of query rows past 2^24 weights;
+      no ``logit_max``; a query row whose every key is masked has NaN weights there, and so NaN entropy, as the
+      module's own weights do). HF eager attention returns its weights after attention dropout (with
+      ``attn_pdrop > 0`` they are not probabilities); weights formed again are before dropout.
     - ``llmdbg/attn/<module>/logit_max``: the largest pre-softmax attention logit (q·k/√d or the call's own
       scale, plus a float mask), for modules that call ``scaled_dot_product_attention`` themselves (not
       ``nn.MultiheadAttention``) and for those that return it as a third element ``(output, probabilities,

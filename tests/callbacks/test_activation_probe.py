@@ -357,10 +357,10 @@ def test_micro_batch_partials_add_up_and_a_width_change_is_left_out_with_a_warni
 class TorchTransformerLM(pl.LightningModule):
     """A causal LM on PyTorch's own ``nn.TransformerEncoder``, whose attention is ``nn.MultiheadAttention``."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(256, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.lm_head = nn.Linear(32, 256)
 
@@ -374,10 +374,27 @@ class TorchTransformerLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_weights(tmp_path):
-    """`nn.MultiheadAttention` hands its whole call to a function mode, so the probe asks that call again for its
-    per-head weights, without gradient: the entropy equals theirs, and training is the same as without the probe."""
-    seen, losses = {}, {}
+CHUNK_OF_5_ROWS = 4 * 4 * (32 + 2) * 5  # batch × heads × (keys + 2) × rows
+
+
+@pytest.mark.parametrize("dropout, chunk_values", [(0.0, None), (0.1, CHUNK_OF_5_ROWS)], ids=["whole", "dropout-chunked"])
+def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_weights(
+    tmp_path, monkeypatch, dropout, chunk_values
+):
+    """`nn.MultiheadAttention` hands its whole call to a function mode, so the probe repeats that call without
+    gradient and without dropout (in chunks of 5 query rows in the second case), asking for its per-head weights:
+    the entropy equals theirs, and training is the same as without the probe."""
+    from lightning_llmdbg.callbacks import activation_probe
+
+    if chunk_values is not None:
+        monkeypatch.setattr(activation_probe, "_MULTI_HEAD_CHUNK_VALUES", chunk_values)
+    seen, losses, passes = {}, {}, []
+    entropy_of = stats.attention_partials
+    def counted(weights):
+        passes.append(weights.shape[2])  # query rows
+        return entropy_of(weights)
+
+    monkeypatch.setattr(stats, "attention_partials", counted)
 
     class Direct(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -388,7 +405,7 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
                 mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], dtype=torch.float64)
                 with torch.no_grad():
                     x = pl_module.embed(ids).double()
-                    for i, layer in enumerate(copy.deepcopy(pl_module.encoder.layers).double()):
+                    for i, layer in enumerate(copy.deepcopy(pl_module.encoder.layers).double().eval()):
                         _, p = layer.self_attn(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
                         seen[i] = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
                         x = layer(x, src_mask=mask, is_causal=True)
@@ -398,20 +415,22 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
 
     for run, callbacks in (("plain", []), ("probed", [ActivationProbe(modules=["encoder.layers.*"], every_n_steps=1)])):
         pl.seed_everything(0)
-        module, direct = TorchTransformerLM(), Direct()
+        module, direct = TorchTransformerLM(dropout), Direct()
         direct.run = run
         logger = TensorBoardLogger(str(tmp_path), name=run)
         trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[direct, *callbacks], **trainer_kwargs())
         trainer.fit(module, small_data())
     events = read_events(logger.log_dir)
     attention = sorted(t for t in events.Tags()["scalars"] if t.startswith("llmdbg/attn/"))
-    # Weights but no logits: no logit_max.
-    kinds = ("entropy_mean", "entropy_min")
+    kinds = ("entropy_mean", "entropy_min")  # weights but no logits: no logit_max
     assert attention == [f"llmdbg/attn/encoder.layers.{i}/{s}" for i in range(2) for s in kinds]
-    for i, per_head in seen.items():
+    # With dropout, layer 1's input is the dropped-out output of layer 0: only layer 0's weights can be had by hand.
+    for i in range(2) if dropout == 0.0 else range(1):
+        per_head, tag = seen[i], f"llmdbg/attn/encoder.layers.{i}"
         assert per_head.max() - per_head.min() > 1e-4  # the heads differ, so the minimum says something
-        tag = f"llmdbg/attn/encoder.layers.{i}"
         assert_close(scalars(events, f"{tag}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
         assert_close(scalars(events, f"{tag}/entropy_min")[0], per_head.min().item(), 1e-5, f"min {i}")
-    assert losses["probed"] == losses["plain"]  # the second pass leaves the step as it was
+    assert losses["probed"] == losses["plain"]  # the repeated call leaves the step, and its dropout, as they were
+    rows_per_pass = [32] if chunk_values is None else [5, 5, 5, 5, 5, 5, 2]  # query rows (block size 32)
+    assert passes == rows_per_pass * 2 * 3  # per layer and step
     assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
