@@ -253,7 +253,8 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     A ``torch.compile``d model (whole or per block) compiles once more for the sampled steps and keeps its plain
     graph on the others: the hooks are one bound method per kind, shared by all modules, and leave their partial
     sums as attributes of the module (``_llmdbg_act`` and the like, removed at the end of the fit). An empty
-    batch adds nothing; a sampled step on which no module ran logs nothing.
+    batch adds nothing; a sampled step on which no module ran logs nothing. Nested tensors (PyTorch's fast path for
+    ``nn.TransformerEncoder`` in eval mode with a padding mask) are left out, and their attention is not captured.
 
     TensorBoard gets a custom-scalars layout with one chart per statistic and all modules on it, and the RMS,
     kurtosis and lowest-head attention entropy charts in the one-page ``llmdbg: health`` category. The values are
@@ -484,7 +485,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
 
     def _on_activation(self, module: nn.Module, args: Any, output: Any) -> None:
         hidden = hidden_state(output)
-        if hidden is None or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
+        if hidden is None or hidden.is_nested or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
             return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
         module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden), add=stats.add_activation_partials)
         if self.histograms:
@@ -495,6 +496,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _on_attention_start(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():
             return  # a compiled graph cannot enter a mode here; such models return their weights or log none
+        if any(isinstance(a, Tensor) and a.is_nested for a in args):
+            # Nested tensors reach nn.MultiheadAttention only on its fast path, which an active mode turns off.
+            return
         capture = _AttentionCapture()
         capture.__enter__()
         module.__dict__.setdefault(CAPTURE_SLOT, []).append(capture)
@@ -518,7 +522,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
 
     def _on_logits(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = hidden_state(output)
-        if logits is not None and logits.numel() > 0 and logits.is_floating_point():
+        if logits is not None and not logits.is_nested and logits.numel() > 0 and logits.is_floating_point():
             module._llmdbg_logits = _merged(module._llmdbg_logits, *stats.logit_partials(logits))
 
     def _capture_failures(self) -> Tensor:

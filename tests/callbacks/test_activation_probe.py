@@ -434,3 +434,47 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
     rows_per_pass = [32] if chunk_values is None else [5, 5, 5, 5, 5, 5, 2]  # query rows (block size 32)
     assert passes == rows_per_pass * 2 * 3  # per layer and step
     assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
+
+
+class FrozenEncoderLM(TorchTransformerLM):
+    """The encoder frozen and in eval mode, with a padding mask: PyTorch runs it on its fast path, in nested tensors."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.embed.requires_grad_(False)
+        self.encoder.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        self.encoder.eval()
+        ids = batch["input_ids"]
+        padding = torch.zeros_like(ids, dtype=torch.bool)
+        padding[:, -5:] = True
+        hidden = self.encoder(self.embed(ids), src_key_padding_mask=padding)
+        return nn.functional.cross_entropy(self.lm_head(hidden).flatten(0, 1), ids.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.lm_head.parameters(), lr=0.1)
+
+
+def test_nested_tensors_on_pytorchs_fast_path_are_left_out_and_training_goes_on(tmp_path):
+    """Entering the capture mode would turn nn.MultiheadAttention's fast path off, and its slow path refuses nested
+    tensors: the probe leaves such calls alone (it used to stop training with an AssertionError)."""
+    losses = {"plain": [], "probed": []}
+
+    class Losses(pl.Callback):
+        def __init__(self, run):
+            self.run = run
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses[self.run].append(outputs["loss"].item())
+
+    for run, callbacks in (("plain", []), ("probed", [ActivationProbe(modules=["encoder.layers.*"], every_n_steps=1)])):
+        pl.seed_everything(0)
+        module = FrozenEncoderLM()
+        trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[*callbacks, Losses(run)], **trainer_kwargs())
+        trainer.fit(module, small_data())
+    # Not bit for bit: with hooks on its layers PyTorch leaves the encoder's fused kernel for its plain path.
+    assert losses["probed"] == pytest.approx(losses["plain"], rel=1e-5) and len(losses["plain"]) == 3
+    assert count_hooks(module) == 0 and torch._C._len_torch_function_stack() == 0
