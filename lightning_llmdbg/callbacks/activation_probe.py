@@ -122,7 +122,9 @@ class _AttentionCapture(TorchFunctionMode):
     """Entered for one forward pass of an attention module on a sampled step. Its ``scaled_dot_product_attention``
     calls run as they are; the weights each one forms are recomputed without gradient for their entropy and largest
     logit (:func:`~lightning_llmdbg.stats.scaled_dot_product_attention_partials`): the fused kernels never return
-    them. Any other call passes through untouched."""
+    them. Its ``multi_head_attention_forward`` calls (``nn.MultiheadAttention``) run as they are too, and give the
+    entropy of their per-head weights (:func:`_multi_head_attention_partials`). Any other call passes through
+    untouched."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -485,7 +487,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
 
     def _on_activation(self, module: nn.Module, args: Any, output: Any) -> None:
         hidden = hidden_state(output)
-        if hidden is None or hidden.is_nested or hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
+        if hidden is None or hidden.is_nested:
+            return
+        if hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
             return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
         module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden), add=stats.add_activation_partials)
         if self.histograms:
