@@ -354,6 +354,19 @@ def test_micro_batch_partials_add_up_and_a_width_change_is_left_out_with_a_warni
     assert "grad/block_0" not in acc.maxes and acc.sums["grad/block_0"].tolist() == [4.0, 2.0]
 
 
+def _assert_entropy_of(attentions, events, module: str = "transformer.h.{i}") -> list[torch.Tensor]:
+    """Each layer's logged mean and lowest-head entropy (``module`` names layer ``i``) equal those of its attention
+    probabilities ``[B, H, L, S]``, computed here in float64; returns the per-head entropies."""
+    entropies = []
+    for i, probs in enumerate(attentions):
+        p, tag = probs.double(), f"llmdbg/attn/{module.format(i=i)}"
+        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+        assert_close(scalars(events, f"{tag}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
+        assert_close(scalars(events, f"{tag}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
+        entropies.append(per_head)
+    return entropies
+
+
 class TorchTransformerLM(pl.LightningModule):
     """A causal LM on PyTorch's own ``nn.TransformerEncoder``, whose attention is ``nn.MultiheadAttention``."""
 
@@ -407,7 +420,7 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
                     x = pl_module.embed(ids).double()
                     for i, layer in enumerate(copy.deepcopy(pl_module.encoder.layers).double().eval()):
                         _, p = layer.self_attn(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
-                        seen[i] = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
+                        seen[i] = p
                         x = layer(x, src_mask=mask, is_causal=True)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -425,11 +438,9 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
     kinds = ("entropy_mean", "entropy_min")  # weights but no logits: no logit_max
     assert attention == [f"llmdbg/attn/encoder.layers.{i}/{s}" for i in range(2) for s in kinds]
     # With dropout, layer 1's input is the dropped-out output of layer 0: only layer 0's weights can be had by hand.
-    for i in range(2) if dropout == 0.0 else range(1):
-        per_head, tag = seen[i], f"llmdbg/attn/encoder.layers.{i}"
+    layers = [seen[i] for i in (range(2) if dropout == 0.0 else range(1))]
+    for per_head in _assert_entropy_of(layers, events, "encoder.layers.{i}"):
         assert per_head.max() - per_head.min() > 1e-4  # the heads differ, so the minimum says something
-        assert_close(scalars(events, f"{tag}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
-        assert_close(scalars(events, f"{tag}/entropy_min")[0], per_head.min().item(), 1e-5, f"min {i}")
     assert losses["probed"] == losses["plain"]  # the repeated call leaves the step, and its dropout, as they were
     rows_per_pass = [32] if chunk_values is None else [5, 5, 5, 5, 5, 5, 2]  # query rows (block size 32)
     assert passes == rows_per_pass * 2 * 3  # per layer and step

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_llmdbg import ActivationProbe
 from lightning_llmdbg.testing.hooks import count_hooks
-from tests.callbacks.test_activation_probe import _independent_stats
+from tests.callbacks.test_activation_probe import _assert_entropy_of, _independent_stats
 from tests.helpers import assert_close, read_events, scalars, small_data, trainer_kwargs
 
 N_LAYER = 3
@@ -38,19 +38,6 @@ def _takes_attn_kwarg() -> bool:
 def _with_attention(config, attention):
     config._attn_implementation = attention
     return GPT2LMHeadModel(config)
-
-
-def _assert_entropy_of(attentions, events) -> list[torch.Tensor]:
-    """Each layer's logged mean and lowest-head entropy equal those of its probabilities (HF ``output_attentions``),
-    computed here in float64; returns the per-head entropies."""
-    entropies = []
-    for i, probs in enumerate(attentions):
-        p = probs.double()
-        per_head = -torch.special.xlogy(p, p).sum(-1).mean(dim=(0, 2))
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_mean")[0], per_head.mean().item(), 1e-5, f"entropy {i}")
-        assert_close(scalars(events, f"llmdbg/attn/transformer.h.{i}/entropy_min")[0], per_head.min().item(), 1e-5, f"min entropy {i}")
-        entropies.append(per_head)
-    return entropies
 
 
 def test_gpt2_blocks_and_eager_attention_match_output_hidden_states(tmp_path):
