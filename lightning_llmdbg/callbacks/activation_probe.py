@@ -90,13 +90,16 @@ def _multi_head_attention_partials(args: tuple, kwargs: dict, out: Any) -> Tenso
     before dropout. The call hands itself to a function mode whole, which hides its inner
     ``scaled_dot_product_attention`` call; so unless its result ``out`` already holds per-head weights without
     dropout, the call is repeated without gradient asking for them, a chunk of query rows at a time."""
+    def partials_of(weights: Tensor) -> Tensor:
+        return stats.attention_partials(weights if weights.dim() == 4 else weights.unsqueeze(0))  # unbatched: [H, L, S]
+
     call = _MULTI_HEAD_ATTENTION.bind(*args, **kwargs)
     call.apply_defaults()
     arguments = call.arguments
     returned = out[1] if isinstance(out, tuple) and len(out) > 1 else None
     no_dropout = not arguments["training"] or arguments["dropout_p"] == 0.0
     if arguments["need_weights"] and not arguments["average_attn_weights"] and returned is not None and no_dropout:
-        return stats.attention_partials(returned if returned.dim() == 4 else returned.unsqueeze(0))
+        return partials_of(returned)
     arguments.update(need_weights=True, average_attn_weights=False, training=False)
     query, mask = arguments["query"], arguments["attn_mask"]  # [L, N, E] or [L, E]; the mask [.., L, S]
     batch = query.shape[1] if query.dim() == 3 else 1
@@ -110,8 +113,7 @@ def _multi_head_attention_partials(args: tuple, kwargs: dict, out: Any) -> Tenso
                 if rows < query.shape[0]:
                     arguments["query"] = query[r0 : r0 + rows]
                     arguments["attn_mask"] = None if mask is None else mask[..., r0 : r0 + rows, :]
-                _, weights = F.multi_head_attention_forward(*call.args, **call.kwargs)
-                part = stats.attention_partials(weights if weights.dim() == 4 else weights.unsqueeze(0))
+                part = partials_of(F.multi_head_attention_forward(*call.args, **call.kwargs)[1])
                 partials = part if partials is None else partials + part
     finally:
         _REPEATING.active = False
