@@ -16,7 +16,8 @@ machine. A step's time is the wall time between consecutive batch starts (everyt
 included). A measured block's overhead is its mean step time over the mean of the two plain blocks beside it
 (which cancels the machine's slow drift); an arm's overhead is the mean over its blocks, with a 95% bootstrap
 interval. Blocks hold a whole number of each default arm's sampling interval (25 steps; 100 steps, in a second fit, for
-ActivationProbe at defaults); the first measured block of a fit is left out.
+ActivationProbe at defaults); each arm's first block is its warm-up (ActivationProbe compiles its statistics on its
+first sampled step) and is left out, its ratio printed apart.
 
 Also measured in place, at the hook, on the same gradients: the cost of one GradientMonitor sampled step
 (measurement, and writing) and the floor, one bare ``torch._foreach_norm`` pass over all gradients with its
@@ -298,15 +299,23 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
     durations = timer.durations()
     means = [statistics.fmean(durations[s] for s in range(i * block, (i + 1) * block)) for i in range(len(schedule.blocks))]
     ratios: dict[str, list[float]] = {arm: [] for arm in arms}
-    # Block 1, the first measured one, runs while the process is still warming up: left out. (GradientMonitor's
-    # own warm-up steps fall in the plain block 0, where no arm runs.)
-    for i in range(3, len(schedule.blocks) - 1, 2):
-        ratios[schedule.blocks[i]].append(means[i] / ((means[i - 1] + means[i + 1]) / 2))
+    # Each arm's first block is its warm-up, left out: it holds what an arm pays once per process (ActivationProbe
+    # compiles its statistics on its first sampled step; reported apart as `first_block_ratio`), and block 1, the
+    # first measured one, runs while the process itself is still warming up. (GradientMonitor's own warm-up steps
+    # fall in the plain block 0, where no arm runs.)
+    first_block: dict[str, float] = {}
+    for i in range(1, len(schedule.blocks) - 1, 2):
+        ratio = means[i] / ((means[i - 1] + means[i + 1]) / 2)
+        if schedule.blocks[i] in first_block:
+            ratios[schedule.blocks[i]].append(ratio)
+        else:
+            first_block[schedule.blocks[i]] = ratio
     rng = random.Random(1)
     results = {}
     for arm, values in ratios.items():
+        values = values or [float("nan")]  # one cycle: the warm-up block only
         boot = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(2000))
-        results[arm] = {"ratio": statistics.fmean(values), "ci95": (boot[49], boot[1949]), "blocks": len(values)}
+        results[arm] = {"ratio": statistics.fmean(values), "ci95": (boot[49], boot[1949]), "blocks": len(values), "first_block_ratio": first_block.get(arm)}
     plain_ms = statistics.median(d for s, d in durations.items() if schedule.arm_at(s) == "plain") * 1e3
     return {"plain_step_ms": plain_ms, "steps": schedule.steps, "block": block, "arms": results}
 
@@ -425,9 +434,10 @@ def main() -> None:
     size = "1.9M parameters" if args.width is None else f"width {args.width}"
     model = "Hugging Face GPT-2 of the reference GPT's shape, SDPA attention" if args.hf_gpt2 else f"reference GPT ({size})"
     print(f"\n{results['machine']}; {model}, batch {args.batch_size}x128 bytes; plain step {results['plain_step_ms']:.1f} ms\n")
-    print("| configuration | step time / plain Trainer | 95% interval |\n|---|---|---|")
+    print("| configuration | step time / plain Trainer | 95% interval | its first block (warm-up, left out) |\n|---|---|---|---|")
     for arm, r in results["arms"].items():
-        print(f"| {arm} ({r['blocks']} blocks of {results['blocks'][arm]} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} |")
+        first = "" if r["first_block_ratio"] is None else f"{r['first_block_ratio']:.4f}"
+        print(f"| {arm} ({r['blocks']} blocks of {results['blocks'][arm]} steps) | {r['ratio']:.4f} | {r['ci95'][0]:.4f} – {r['ci95'][1]:.4f} | {first} |")
     if cost:
         print_sampled_step_cost(cost)
     if args.json:

@@ -6,8 +6,9 @@ Everything stays on the tensors' device; callers move one stacked result to the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,6 +230,28 @@ def activation_stats(sums: Tensor, maxes: Tensor) -> dict[str, float]:
     }
 
 
+def fused_activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`activation_partials` written for ``torch.compile`` (:class:`FusedStatistics`): the same partials in the
+    same layout, with no BLAS call and no data-dependent branch between the passes, so that they fuse into two loops
+    over the activation (its mean, then everything else) that write only the sums. The sums accumulate in float64
+    inside the loop, which costs nothing where the loop waits on memory and is more precise than float32 sums."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    rows, channels = flat.shape
+    shift = (flat.sum(dtype=torch.float64) / flat.numel()).float()
+    d = flat - shift
+    d2 = d * d
+    channel_d1, channel_d2 = d.sum(0, dtype=torch.float64), d2.sum(0, dtype=torch.float64)
+    d3, d4 = (d2 * d).sum(dtype=torch.float64), (d2 * d2).sum(dtype=torch.float64)
+    channel_max, channel_min = flat.amax(0), flat.amin(0)
+    absmax = torch.maximum(channel_max.amax(), channel_min.amin().neg()).reshape(1)
+    outliers = (flat.abs() >= OUTLIER_MAGNITUDE).sum(0, dtype=torch.float64)
+    nonzeros = (flat != 0).sum(dtype=torch.float64)
+    counts = torch.full((2,), float(rows * channels), dtype=torch.float64, device=flat.device)
+    counts[0] = rows
+    head = torch.cat([counts, torch.stack([shift.double(), d3, d4, nonzeros])])
+    return torch.cat([head, channel_d1, channel_d2, outliers]), torch.cat([absmax, channel_max])
+
+
 # Rows of attention probabilities per chunk of the entropy pass: 2^18 float32 values (1 MiB) and its log stay in a
 # core's L2 cache, where the whole [B, H, T, T] tensor would go through memory for each of the four passes.
 _ENTROPY_CHUNK_VALUES = 1 << 18
@@ -254,6 +277,15 @@ def attention_partials(probs: Tensor) -> Tensor:
     scratch = torch.empty((min(chunk, rows.shape[0]), rows.shape[1]), dtype=rows.dtype, device=rows.device)
     parts = [_row_entropy(rows[start : start + chunk], scratch) for start in range(0, rows.shape[0], chunk)]
     entropy = torch.cat(parts).view(probs.shape[:-1])  # [B, H, Tq]
+    per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
+    return torch.cat([per_head, torch.full_like(per_head, entropy.shape[0] * entropy.shape[2])])
+
+
+def fused_attention_partials(probs: Tensor) -> Tensor:
+    """:func:`attention_partials` written for ``torch.compile`` (:class:`FusedStatistics`): one loop that reads the
+    probabilities once and writes one entropy per row."""
+    probs = probs.detach().float()
+    entropy = (probs * torch.clamp_min(probs, 1e-30).log()).sum(-1).neg()  # [B, H, Tq]; as _row_entropy
     per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
     return torch.cat([per_head, torch.full_like(per_head, entropy.shape[0] * entropy.shape[2])])
 
@@ -285,6 +317,26 @@ def _mask_as_heads(mask: Tensor, query: Tensor, shape: tuple[int, int, int, int]
     return torch.broadcast_to(mask, (*query.shape[:-3], *shape[1:])).reshape(shape)
 
 
+def softmax_entropy(logits: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's largest logit and the entropy of its softmax, for logits ``[..., k]`` (−inf where masked), with
+    ``scratch`` (at least the logits' size) for the temporaries."""
+    scratch = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device) if scratch is None else scratch
+    rows = logits.shape[:-1]
+    return logits.amax(-1), _row_entropy(logits.softmax(-1).flatten(0, -2), scratch).view(rows)
+
+
+def fused_softmax_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`softmax_entropy` written for ``torch.compile`` (:class:`FusedStatistics`), without the log of every
+    weight: with d = s − max s and e = exp d, −Σ p log p = log Σe − Σ e·d / Σe, two terms ≥ 0 (nothing cancels).
+    Two loops read the logits and write one value per row."""
+    row_max = logits.amax(-1, keepdim=True)
+    d = logits - row_max
+    e = torch.exp(d)
+    total = e.sum(-1)
+    weighted = torch.where(e > 0, e * d, 0.0).sum(-1)  # a masked key: e = 0 and d = −inf, whose product is NaN
+    return row_max.squeeze(-1), torch.log(total) - weighted / total
+
+
 def scaled_dot_product_attention_partials(
     query: Tensor,
     key: Tensor,
@@ -292,6 +344,7 @@ def scaled_dot_product_attention_partials(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    rows_entropy: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The attention-entropy partials of :func:`attention_partials` and ``[max logit]`` of the weights that
     ``scaled_dot_product_attention(query, key, value, attn_mask, is_causal=, scale=, enable_gqa=)`` forms.
@@ -303,7 +356,9 @@ def scaled_dot_product_attention_partials(
     A row whose every key is masked out by a boolean or −inf mask has no weights (the kernels return zeros or NaN
     for it) and is left out of its head's count; a finite mask such as Hugging Face's ``finfo.min`` leaves such a
     row uniform, as the kernels compute it, and it counts. The weights are those before attention dropout.
+    ``rows_entropy(logits, scratch)`` gives each row's largest logit and softmax entropy (:func:`softmax_entropy`).
     """
+    rows_entropy = softmax_entropy if rows_entropy is None else rows_entropy
     with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
         q, k = _as_heads(query.detach()), _as_heads(key.detach())
         if enable_gqa and k.shape[1] != q.shape[1] and q.shape[1] % k.shape[1] == 0:
@@ -355,9 +410,7 @@ def scaled_dot_product_attention_partials(
                     logits = torch.bmm(q[m0:m1, r0:r1], k[m0:m1, :, :width]).mul_(scale)
                 else:  # the scale in the product, where a scaled copy of the queries would be one more pass
                     logits = torch.baddbmm(bias, q[m0:m1, r0:r1], k[m0:m1, :, :width], alpha=scale)
-                row_max[m0:m1, r0:r1] = logits.amax(-1)
-                probs = logits.softmax(-1)
-                entropy[m0:m1, r0:r1] = _row_entropy(probs.flatten(0, 1), scratch).view(m1 - m0, r1 - r0)
+                row_max[m0:m1, r0:r1], entropy[m0:m1, r0:r1] = rows_entropy(logits, scratch)
         some_key = row_max != float("-inf")  # NaN logits stay in, so that they show
         entropy = torch.where(some_key, entropy, 0.0).view(batch, heads, length)
         rows = some_key.view(batch, heads, length).sum(dim=(0, 2), dtype=torch.float64)
@@ -423,3 +476,58 @@ def fixed_histogram(partials: Tensor) -> Histogram:
         sum_squares=float((kept * centers * centers).sum()),
         nonfinite=nonfinite,
     )
+
+
+# -- fused ---------------------------------------------------------------------------------------------------------
+_COMPILED: dict[Callable, Callable] = {}  # one compiled wrapper per function, shared by every probe in the process
+
+
+class FusedStatistics:
+    """The partial sums a probe's hooks take, each compiled by ``torch.compile`` into a loop or two over its tensor
+    (``fused_*`` above), or eager.
+
+    Eager, each statistic is several passes through memory, which is what a probed step pays for on a CPU (ten
+    passes for an activation). The first call of each function compiles it (seconds, once per process; a later
+    shape compiles it once more with dynamic sizes, and after dynamo's recompile limit it runs eager). Where
+    compiling fails (the CPU backend needs a C++ compiler), the error is kept in ``failure`` and every later call
+    runs eager: a statistic never stops training. Inside a graph being compiled (a ``torch.compile``d model), and for
+    tensor subclasses such as ``DTensor``, the eager functions run (and are traced into that graph).
+
+    Args:
+        compiled: compile; ``False``: always eager.
+    """
+
+    def __init__(self, compiled: bool = True) -> None:
+        self.compiled = compiled
+        self.failure: str | None = None
+
+    def activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(fused_activation_partials, activation_partials, x)
+
+    def attention(self, probs: Tensor) -> Tensor:
+        return self._call(fused_attention_partials, attention_partials, probs)
+
+    def logits(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(logit_partials, logit_partials, logits)
+
+    def scaled_dot_product_attention(self, *call: Any) -> tuple[Tensor, Tensor]:
+        """:func:`scaled_dot_product_attention_partials` of a call's arguments, each chunk's softmax entropy fused."""
+        return scaled_dot_product_attention_partials(*call, rows_entropy=self._softmax_entropy)
+
+    def _softmax_entropy(self, logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+        return self._call(fused_softmax_entropy, softmax_entropy, logits, scratch)
+
+    def _call(self, fused: Callable, eager: Callable, x: Tensor, *eager_args: Any) -> Any:
+        """``fused(x)`` compiled, else ``eager(x, *eager_args)``."""
+        if not self.compiled or self.failure is not None or type(x) is not Tensor or torch.compiler.is_compiling():
+            return eager(x, *eager_args)
+        compiled = _COMPILED.get(fused)
+        if compiled is None:
+            compiled = _COMPILED[fused] = torch.compile(fused, dynamic=None)
+        try:
+            with torch.no_grad():
+                return compiled(x)
+        except Exception as err:  # a statistic never stops training
+            message = str(err).strip()
+            self.failure = f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
+            return eager(x, *eager_args)

@@ -181,3 +181,82 @@ def test_weights_formed_again_agree_with_the_probabilities_path():
     probs = (q @ k.transpose(-2, -1) / 8**0.5).masked_fill(causal, float("-inf")).softmax(-1)
     partials, _ = stats.scaled_dot_product_attention_partials(q, k, is_causal=True)
     assert torch.allclose(partials, stats.attention_partials(probs), rtol=1e-6)
+
+
+def _activation_with_every_feature() -> torch.Tensor:
+    """An activation with a large mean channel, dead channels, exact zeros and an outlier channel."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 64, 40, generator=g)
+    x[..., 0] += 100.0
+    x[..., 1:5] = -x[..., 1:5].abs()  # never above zero: dead
+    x[..., 5] = 0.0
+    x[..., 6] *= 20.0  # |x| >= 6 at most positions: an outlier feature
+    return x
+
+
+def test_fused_statistics_equal_the_eager_ones_and_a_float64_computation():
+    """Compiled, each partial-sum function gives what its eager version gives (same layout, so the two mix across
+    micro-batches and ranks), and the statistics equal an independent float64 computation."""
+    fused = stats.FusedStatistics()
+    x = _activation_with_every_feature()
+    computed = stats.activation_stats(*fused.activation(x))
+    eager = stats.activation_stats(*stats.activation_partials(x))
+    x64 = x.double().reshape(-1, x.shape[-1])
+    mean, var = x64.mean(), x64.var(unbiased=False)
+    channel_ms = (x64 * x64).mean(0)
+    expected = {
+        "mean": mean.item(),
+        "std": var.sqrt().item(),
+        "rms": (x64 * x64).mean().sqrt().item(),
+        "absmax": x64.abs().max().item(),
+        "zero_frac": (x64 == 0).double().mean().item(),
+        "dead_frac": 5 / 40,  # channels 1-4 and the zero channel 5
+        "outliers": float(((x64.abs() >= 6).double().mean(0) >= 0.06).sum()),
+        "channel_kurtosis": ((channel_ms**2).mean() / channel_ms.mean() ** 2).item(),
+        "kurtosis": (((x64 - mean) ** 4).mean() / var**2).item(),
+    }
+    assert expected["outliers"] == 2.0  # the large-mean channel and the scaled one
+    assert computed == pytest.approx(expected, rel=1e-6)
+    assert computed == pytest.approx(eager, rel=1e-6)
+    sums, maxes = fused.activation(x)
+    eager_sums, eager_maxes = stats.activation_partials(x)
+    assert sums.dtype == eager_sums.dtype and sums.shape == eager_sums.shape and torch.equal(maxes, eager_maxes)
+
+    g = torch.Generator().manual_seed(4)
+    causal = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    probs = torch.randn(3, 4, 16, 16, generator=g).masked_fill(causal, float("-inf")).softmax(-1)
+    p64 = probs.double()
+    per_head = -torch.xlogy(p64, p64).sum(-1).sum(dim=(0, 2))
+    assert torch.allclose(fused.attention(probs)[:4], per_head, rtol=1e-6)
+    assert torch.equal(fused.attention(probs)[4:], stats.attention_partials(probs)[4:])
+
+    logits = torch.randn(3, 16, 50, generator=g) * 4
+    lse_sq, logit_max = fused.logits(logits)
+    assert lse_sq[0].item() == pytest.approx((torch.logsumexp(logits.double(), -1) ** 2).sum().item(), rel=1e-6)
+    assert lse_sq[1].item() == 48 and logit_max.item() == logits.max().item()
+    assert fused.failure is None
+
+
+def test_a_statistic_that_cannot_compile_runs_eager(monkeypatch):
+    """Where torch.compile fails (the CPU backend without a C++ compiler), the error is kept, the call returns the
+    eager result, and no later call tries to compile again."""
+    attempts = []
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(fn.__name__)
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(stats, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fused = stats.FusedStatistics()
+    x = _activation_with_every_feature()
+    sums, maxes = fused.activation(x)
+    eager_sums, eager_maxes = stats.activation_partials(x)
+    assert torch.equal(sums, eager_sums) and torch.equal(maxes, eager_maxes)
+    assert fused.failure == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    fused.activation(x), fused.logits(x)
+    assert attempts == ["fused_activation_partials"]
+    assert stats.FusedStatistics(compiled=False).activation(x)[0].equal(eager_sums)

@@ -20,6 +20,7 @@ from lightning_llmdbg._lightning import Callback, LightningModule, Trainer, rank
 from lightning_llmdbg.sampling import SampledStepCounters, SamplingSchedule
 from lightning_llmdbg.selection import ModuleSpec, attention_modules, head_module, resolve_modules, validate_module_spec
 from lightning_llmdbg.signals import PREFIX, SignalSource, Signals
+from lightning_llmdbg.stats import FusedStatistics
 from lightning_llmdbg.writers import HEALTH_CATEGORY, Writers
 
 ACT_STATS = ("mean", "std", "rms", "absmax", "zero_frac", "dead_frac", "outliers", "channel_kurtosis", "kurtosis")
@@ -84,14 +85,14 @@ _MULTI_HEAD_CHUNK_VALUES = 1 << 24
 _REPEATING = threading.local()  # set while a call is repeated, so that no capture counts the repeat
 
 
-def _multi_head_attention_partials(args: tuple, kwargs: dict, out: Any) -> Tensor:
+def _multi_head_attention_partials(args: tuple, kwargs: dict, out: Any, statistics: FusedStatistics) -> Tensor:
     """Attention-entropy partials (:func:`~lightning_llmdbg.stats.attention_partials`) of the per-head weights of a
     ``multi_head_attention_forward`` call (``nn.MultiheadAttention``, and so PyTorch's ``nn.Transformer*`` layers),
     before dropout. The call hands itself to a function mode whole, which hides its inner
     ``scaled_dot_product_attention`` call; so unless its result ``out`` already holds per-head weights without
     dropout, the call is repeated without gradient asking for them, a chunk of query rows at a time."""
     def partials_of(weights: Tensor) -> Tensor:
-        return stats.attention_partials(weights if weights.dim() == 4 else weights.unsqueeze(0))  # unbatched: [H, L, S]
+        return statistics.attention(weights if weights.dim() == 4 else weights.unsqueeze(0))  # unbatched: [H, L, S]
 
     call = _MULTI_HEAD_ATTENTION.bind(*args, **kwargs)
     call.apply_defaults()
@@ -128,8 +129,9 @@ class _AttentionCapture(TorchFunctionMode):
     entropy of their per-head weights (:func:`_multi_head_attention_partials`). Any other call passes through
     untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, statistics: FusedStatistics) -> None:
         super().__init__()
+        self.statistics = statistics
         self.partials: tuple | None = None
         self.error: str | None = None
 
@@ -140,9 +142,9 @@ class _AttentionCapture(TorchFunctionMode):
         if captured and self.error is None and not getattr(_REPEATING, "active", False):
             try:
                 if func is F.scaled_dot_product_attention:
-                    partials = stats.scaled_dot_product_attention_partials(*_attention_call(*args, **kwargs))
+                    partials = self.statistics.scaled_dot_product_attention(*_attention_call(*args, **kwargs))
                 else:
-                    partials = (_multi_head_attention_partials(args, kwargs, out),)
+                    partials = (_multi_head_attention_partials(args, kwargs, out, self.statistics),)
                 self.partials = _merged(self.partials, *partials)
             except Exception as err:  # a statistic never stops training
                 # The message only: a traceback would keep the failed call's temporaries alive until the step ends.
@@ -276,6 +278,10 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         histograms: also log activation histograms.
         attention: probe attention entropy in the attention submodules of the probed modules.
         logits: probe the LM head's logits.
+        compile_statistics: compute each statistic in one or two fused loops compiled by ``torch.compile`` (a C++
+            compiler on CPU, Triton on GPU) rather than eager passes, one through memory for each intermediate
+            (:class:`~lightning_llmdbg.stats.FusedStatistics`). The first sampled step compiles them (seconds, once per
+            process); where compiling fails, one warning and eager statistics. ``False``: eager, no compiling.
 
     Example::
 
@@ -297,6 +303,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         histograms: bool = False,
         attention: bool = True,
         logits: bool = True,
+        compile_statistics: bool = True,
     ) -> None:
         validate_module_spec(modules)
         self.schedule = SamplingSchedule(every_n_steps=every_n_steps, warmup_steps=warmup_steps)
@@ -309,6 +316,9 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         self.histograms = bool(histograms)
         self.attention = bool(attention)
         self.logits = bool(logits)
+        self.compile_statistics = bool(compile_statistics)
+        self._statistics = FusedStatistics(self.compile_statistics)
+        self._warned_eager = False
         self._targets: dict[str, nn.Module] = {}
         self._attention: dict[str, nn.Module] = {}
         self._head: nn.Module | None = None
@@ -493,7 +503,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             return
         if hidden.dim() == 0 or hidden.numel() == 0 or not hidden.is_floating_point():
             return  # an empty batch contributes nothing (the other ranks' statistics still reduce)
-        module._llmdbg_act = _merged(module._llmdbg_act, *stats.activation_partials(hidden), add=stats.add_activation_partials)
+        module._llmdbg_act = _merged(module._llmdbg_act, *self._statistics.activation(hidden), add=stats.add_activation_partials)
         if self.histograms:
             module._llmdbg_hist = _merged(module._llmdbg_hist, stats.fixed_histogram_partials(hidden))
         if self.gradients and hidden.requires_grad:
@@ -505,7 +515,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
         if any(isinstance(a, Tensor) and a.is_nested for a in args):
             # Nested tensors reach nn.MultiheadAttention only on its fast path, which an active mode turns off.
             return
-        capture = _AttentionCapture()
+        capture = _AttentionCapture(self._statistics)
         capture.__enter__()
         module.__dict__.setdefault(CAPTURE_SLOT, []).append(capture)
 
@@ -518,7 +528,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
                 return  # the forward pass raised (an `always_call` hook still runs): nothing to file
         probs = attention_probabilities(output)
         if probs is not None and probs.numel() > 0:
-            module._llmdbg_attn = _merged(module._llmdbg_attn, stats.attention_partials(probs), attention_logit_max(output))
+            module._llmdbg_attn = _merged(module._llmdbg_attn, self._statistics.attention(probs), attention_logit_max(output))
             if capture is not None:
                 self._not_captured.add(id(module))
         elif capture is not None and capture.partials is not None:
@@ -529,7 +539,7 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
     def _on_logits(self, module: nn.Module, args: Any, output: Any) -> None:
         logits = hidden_state(output)
         if logits is not None and not logits.is_nested and logits.numel() > 0 and logits.is_floating_point():
-            module._llmdbg_logits = _merged(module._llmdbg_logits, *stats.logit_partials(logits))
+            module._llmdbg_logits = _merged(module._llmdbg_logits, *self._statistics.logits(logits))
 
     def _capture_failures(self) -> Tensor:
         """Per attention module, 1 if forming its weights again failed on this rank at this step, else 0. Reduced with
@@ -612,6 +622,13 @@ class ActivationProbe(SampledStepCounters, Callback, SignalSource):
             elif kind == "hist":
                 histograms[name] = stats.fixed_histogram(partial)
         self._count_sample(step)
+        if self._statistics.failure is not None and not self._warned_eager:
+            self._warned_eager = True
+            rank_zero_warn(
+                f"ActivationProbe: torch.compile could not compile its statistics ({self._statistics.failure}); they "
+                "run eager from now on, which costs more on each sampled step. Pass compile_statistics=False to skip "
+                "the attempt."
+            )
         if not any(k.startswith(("act/", "attn/", "logits")) for k in sums):
             return  # nothing ran forward on any rank (an empty or skipped batch): no statistic to report
         # Modules whose capture failed were warned about; the warning is for the others.

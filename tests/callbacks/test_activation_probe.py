@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -79,14 +80,36 @@ def _independent_stats(x: torch.Tensor) -> dict[str, float]:
     }
 
 
+@pytest.mark.parametrize("statistics", ["compiled", "eager", "cannot-compile"])
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_statistics_equal_an_independent_computation(tmp_path, accumulate):
+def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accumulate, statistics):
+    """Compiled (the default), eager, and eager after torch.compile failed, with one warning that says so."""
+    if statistics == "cannot-compile":
+        def no_compiler(fn, **kwargs):
+            def compiled(*args):
+                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+            return compiled
+
+        monkeypatch.setattr(stats, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", no_compiler)
+    probe = ActivationProbe(every_n_steps=1, gradients=True, compile_statistics=statistics != "eager")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(
-        max_steps=2, logger=logger, callbacks=[ActivationProbe(every_n_steps=1, gradients=True)],
-        accumulate_grad_batches=accumulate, **trainer_kwargs(),
+        max_steps=2, logger=logger, callbacks=[probe], accumulate_grad_batches=accumulate, **trainer_kwargs(),
     )
-    trainer.fit(KnownOutputs())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(KnownOutputs())
+    fallbacks = [str(w.message) for w in caught if "could not compile" in str(w.message)]
+    if statistics == "cannot-compile":
+        assert fallbacks == [
+            "ActivationProbe: torch.compile could not compile its statistics (RuntimeError: InvalidCxxCompiler: No "
+            "working C++ compiler found); they run eager from now on, which costs more on each sampled step. Pass "
+            "compile_statistics=False to skip the attempt."
+        ]
+    else:
+        assert fallbacks == [] and probe._statistics.failure is None
     events = read_events(logger.log_dir)
     for i, out in enumerate(_known_outputs()):
         for step in (0, 1):
@@ -402,12 +425,12 @@ def test_torch_transformer_layers_log_the_entropy_of_their_multihead_attention_w
     if chunk_values is not None:
         monkeypatch.setattr(activation_probe, "_MULTI_HEAD_CHUNK_VALUES", chunk_values)
     seen, losses, passes = {}, {}, []
-    entropy_of = stats.attention_partials
-    def counted(weights):
+    entropy_of = stats.FusedStatistics.attention
+    def counted(self, weights):
         passes.append(weights.shape[2])  # query rows
-        return entropy_of(weights)
+        return entropy_of(self, weights)
 
-    monkeypatch.setattr(stats, "attention_partials", counted)
+    monkeypatch.setattr(stats.FusedStatistics, "attention", counted)
 
     class Direct(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
