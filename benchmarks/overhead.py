@@ -313,9 +313,9 @@ def run_arms(arms: dict[str, pl.Callback], args: argparse.Namespace, block: int,
     rng = random.Random(1)
     results = {}
     for arm, values in ratios.items():
-        values = values or [float("nan")]  # one cycle: the warm-up block only
+        blocks, values = len(values), values or [float("nan")]  # one cycle: the warm-up block only
         boot = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(2000))
-        results[arm] = {"ratio": statistics.fmean(values), "ci95": (boot[49], boot[1949]), "blocks": len(values), "first_block_ratio": first_block.get(arm)}
+        results[arm] = {"ratio": statistics.fmean(values), "ci95": (boot[49], boot[1949]), "blocks": blocks, "first_block_ratio": first_block.get(arm)}
     plain_ms = statistics.median(d for s, d in durations.items() if schedule.arm_at(s) == "plain") * 1e3
     return {"plain_step_ms": plain_ms, "steps": schedule.steps, "block": block, "arms": results}
 

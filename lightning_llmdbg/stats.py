@@ -235,9 +235,11 @@ def fused_activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
     same layout, with no BLAS call and no data-dependent branch between the passes, so that they fuse into two loops
     over the activation (its mean, then everything else) that write only the sums. The sums accumulate in float64
     inside the loop, which costs nothing where the loop waits on memory and is more precise than float32 sums."""
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
     rows, channels = flat.shape
-    shift = (flat.sum(dtype=torch.float64) / flat.numel()).float()
+    shift = (flat.sum(dtype=torch.float64) / flat.numel()).to(flat.dtype)
     d = flat - shift
     d2 = d * d
     channel_d1, channel_d2 = d.sum(0, dtype=torch.float64), d2.sum(0, dtype=torch.float64)
@@ -249,7 +251,7 @@ def fused_activation_partials(x: Tensor) -> tuple[Tensor, Tensor]:
     counts = torch.full((2,), float(rows * channels), dtype=torch.float64, device=flat.device)
     counts[0] = rows
     head = torch.cat([counts, torch.stack([shift.double(), d3, d4, nonzeros])])
-    return torch.cat([head, channel_d1, channel_d2, outliers]), torch.cat([absmax, channel_max])
+    return torch.cat([head, channel_d1, channel_d2, outliers]), torch.cat([absmax, channel_max]).float()
 
 
 # Rows of attention probabilities per chunk of the entropy pass: 2^18 float32 values (1 MiB) and its log stay in a
@@ -284,7 +286,9 @@ def attention_partials(probs: Tensor) -> Tensor:
 def fused_attention_partials(probs: Tensor) -> Tensor:
     """:func:`attention_partials` written for ``torch.compile`` (:class:`FusedStatistics`): one loop that reads the
     probabilities once and writes one entropy per row."""
-    probs = probs.detach().float()
+    probs = probs.detach()
+    if probs.dtype not in (torch.float32, torch.float64):
+        probs = probs.float()
     entropy = (probs * torch.clamp_min(probs, 1e-30).log()).sum(-1).neg()  # [B, H, Tq]; as _row_entropy
     per_head = entropy.sum(dim=(0, 2), dtype=torch.float64)
     return torch.cat([per_head, torch.full_like(per_head, entropy.shape[0] * entropy.shape[2])])
@@ -480,6 +484,8 @@ def fixed_histogram(partials: Tensor) -> Histogram:
 
 # -- fused ---------------------------------------------------------------------------------------------------------
 _COMPILED: dict[Callable, Callable] = {}  # one compiled wrapper per function, shared by every probe in the process
+# The first error compiling raised in this process: no later call, of any probe, tries again.
+_COMPILE_FAILURE: list[str] = []
 
 
 class FusedStatistics:
@@ -489,17 +495,25 @@ class FusedStatistics:
     Eager, each statistic is several passes through memory, which is what a probed step pays for on a CPU (ten
     passes for an activation). The first call of each function compiles it (seconds, once per process; a later
     shape compiles it once more with dynamic sizes, and after dynamo's recompile limit it runs eager). Where
-    compiling fails (the CPU backend needs a C++ compiler), the error is kept in ``failure`` and every later call
-    runs eager: a statistic never stops training. Inside a graph being compiled (a ``torch.compile``d model), and for
-    tensor subclasses such as ``DTensor``, the eager functions run (and are traced into that graph).
+    compiling fails (the CPU backend needs a C++ compiler), the error is kept (``failure``, once per process) and
+    every later call runs eager: a statistic never stops training. Inside a graph being compiled (a
+    ``torch.compile``d model), and for tensor subclasses such as ``DTensor``, the eager functions run (and are
+    traced into that graph).
 
     Args:
         compiled: compile; ``False``: always eager.
     """
 
+    # Sizes that change from call to call (the causal bands of one attention call) compile once, with dynamic sizes.
+    _DYNAMIC = {"fused_softmax_entropy": True}
+
     def __init__(self, compiled: bool = True) -> None:
         self.compiled = compiled
-        self.failure: str | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """The error that stopped compiling in this process, as ``"Type: first line"``; None if there was none."""
+        return _COMPILE_FAILURE[0] if _COMPILE_FAILURE else None
 
     def activation(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._call(fused_activation_partials, activation_partials, x)
@@ -519,15 +533,19 @@ class FusedStatistics:
 
     def _call(self, fused: Callable, eager: Callable, x: Tensor, *eager_args: Any) -> Any:
         """``fused(x)`` compiled, else ``eager(x, *eager_args)``."""
-        if not self.compiled or self.failure is not None or type(x) is not Tensor or torch.compiler.is_compiling():
+        # `is_compiling` first: inside a traced hook, dynamo then never reads (nor guards on) the rest.
+        if torch.compiler.is_compiling() or not self.compiled or _COMPILE_FAILURE or type(x) is not Tensor:
             return eager(x, *eager_args)
         compiled = _COMPILED.get(fused)
         if compiled is None:
-            compiled = _COMPILED[fused] = torch.compile(fused, dynamic=None)
+            compiled = _COMPILED[fused] = torch.compile(fused, dynamic=self._DYNAMIC.get(fused.__name__))
         try:
             with torch.no_grad():
                 return compiled(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a failure to compile: the eager statistic would run out of memory as well
         except Exception as err:  # a statistic never stops training
-            message = str(err).strip()
-            self.failure = f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
+            cause = getattr(err, "inner_exception", None) or err  # dynamo wraps the backend's error
+            message = str(cause).strip()
+            _COMPILE_FAILURE.append(f"{type(cause).__name__}: {message.splitlines()[0] if message else ''}")
             return eager(x, *eager_args)

@@ -20,6 +20,20 @@ from lightning_llmdbg.testing.hooks import count_hooks  # noqa: F401 - the tests
 SMALL = dict(vocab_size=256, block_size=32, n_layer=3, n_head=4, n_embd=32)
 
 
+def _has_cpp_compiler() -> bool:
+    try:
+        from torch._inductor import cpp_builder
+
+        cpp_builder.get_cpp_compiler()
+    except Exception:
+        return False
+    return True
+
+
+# Compiled statistics on the CPU need the C++ compiler of torch.compile's CPU backend; without one they run eager.
+requires_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compile's CPU backend has no C++ compiler")
+
+
 def small_gpt(seed: int = 0, **overrides) -> TinyGPTModule:
     pl.seed_everything(seed, verbose=False)
     return TinyGPTModule(GPTConfig(**{**SMALL, **overrides}))

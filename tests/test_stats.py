@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_llmdbg import stats
+from tests.helpers import requires_compiler
 
 
 def _tensors():
@@ -128,7 +129,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("chunk", [None, 100, 5 * 24 * 24])  # all at once; 4 rows of one matrix; 5, 5 and 2 matrices
-def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk, monkeypatch):
+@pytest.mark.parametrize("entropy", ["eager", pytest.param("fused", marks=requires_compiler)])
+def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk, entropy, monkeypatch):
     if chunk:
         monkeypatch.setitem(stats._RECOMPUTE_CHUNK_VALUES, "cpu", chunk)
     g = torch.Generator().manual_seed(0)
@@ -161,8 +163,11 @@ def test_weights_of_a_scaled_dot_product_attention_call_formed_again(case, chunk
     else:  # formed in float32 from the bfloat16 values, as by hand in float64
         q, k = q.bfloat16(), k.bfloat16()
         kwargs["is_causal"] = True
+    fused = stats.FusedStatistics()
+    rows_entropy = fused._softmax_entropy if entropy == "fused" else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("under")):
-        partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs)
+        partials, logit_max = stats.scaled_dot_product_attention_partials(q, k, **kwargs, rows_entropy=rows_entropy)
+    assert fused.failure is None
     per_head = _weights_from_sdpa(q, k, **kwargs)
     heads = per_head.numel()
     assert partials.dtype == torch.float64 and logit_max.dtype == torch.float32
@@ -194,6 +199,7 @@ def _activation_with_every_feature() -> torch.Tensor:
     return x
 
 
+@requires_compiler
 def test_fused_statistics_equal_the_eager_ones_and_a_float64_computation():
     """Compiled, each partial-sum function gives what its eager version gives (same layout, so the two mix across
     micro-batches and ranks), and the statistics equal an independent float64 computation."""
@@ -220,7 +226,11 @@ def test_fused_statistics_equal_the_eager_ones_and_a_float64_computation():
     assert computed == pytest.approx(eager, rel=1e-6)
     sums, maxes = fused.activation(x)
     eager_sums, eager_maxes = stats.activation_partials(x)
-    assert sums.dtype == eager_sums.dtype and sums.shape == eager_sums.shape and torch.equal(maxes, eager_maxes)
+    assert sums.dtype == eager_sums.dtype and torch.equal(maxes, eager_maxes)
+    # The same layout, element by element (the shift is each one's own float32 mean: equal to its last bits).
+    assert torch.allclose(sums, eager_sums, rtol=1e-5, atol=1e-3)
+    half = stats.add_activation_partials(fused.activation(x[:4])[0], stats.activation_partials(x[4:])[0])
+    assert stats.activation_stats(half, maxes) == pytest.approx(computed, rel=1e-6)  # compiled and eager parts mix
 
     g = torch.Generator().manual_seed(4)
     causal = torch.ones(16, 16, dtype=torch.bool).triu(1)
@@ -250,6 +260,7 @@ def test_a_statistic_that_cannot_compile_runs_eager(monkeypatch):
         return compiled
 
     monkeypatch.setattr(stats, "_COMPILED", {})
+    monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
     monkeypatch.setattr(torch, "compile", no_compiler)
     fused = stats.FusedStatistics()
     x = _activation_with_every_feature()
@@ -257,6 +268,6 @@ def test_a_statistic_that_cannot_compile_runs_eager(monkeypatch):
     eager_sums, eager_maxes = stats.activation_partials(x)
     assert torch.equal(sums, eager_sums) and torch.equal(maxes, eager_maxes)
     assert fused.failure == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
-    fused.activation(x), fused.logits(x)
-    assert attempts == ["fused_activation_partials"]
+    fused.activation(x), fused.logits(x), stats.FusedStatistics().attention(x.softmax(-1).view(2, 4, 64, 40))
+    assert attempts == ["fused_activation_partials"]  # once per process
     assert stats.FusedStatistics(compiled=False).activation(x)[0].equal(eager_sums)

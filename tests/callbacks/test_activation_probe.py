@@ -8,7 +8,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_llmdbg import ActivationProbe, stats
-from tests.helpers import assert_close, count_hooks, read_events, scalars, small_data, small_gpt, trainer_kwargs
+from tests.helpers import (
+    assert_close, count_hooks, read_events, requires_compiler, scalars, small_data, small_gpt, trainer_kwargs,
+)
 
 B, T, C = 4, 10, 20
 
@@ -80,7 +82,7 @@ def _independent_stats(x: torch.Tensor) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("statistics", ["compiled", "eager", "cannot-compile"])
+@pytest.mark.parametrize("statistics", [pytest.param("compiled", marks=requires_compiler), "eager", "cannot-compile"])
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accumulate, statistics):
     """Compiled (the default), eager, and eager after torch.compile failed, with one warning that says so."""
@@ -92,6 +94,7 @@ def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accu
             return compiled
 
         monkeypatch.setattr(stats, "_COMPILED", {})
+        monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
         monkeypatch.setattr(torch, "compile", no_compiler)
     probe = ActivationProbe(every_n_steps=1, gradients=True, compile_statistics=statistics != "eager")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
