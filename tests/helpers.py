@@ -34,6 +34,26 @@ def _has_cpp_compiler() -> bool:
 requires_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="torch.compile's CPU backend has no C++ compiler")
 
 
+def compiler_missing(monkeypatch) -> list[str]:
+    """``torch.compile`` as on a machine without a C++ compiler: each compiled function raises when called, as the CPU
+    backend does. Returns the names of the functions called, one per attempt; resets the process's compile state."""
+    from lightning_llmdbg import stats
+
+    attempts = []
+
+    def compile_without_compiler(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(fn.__name__)
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(stats, "_COMPILED", {})
+    monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
+    monkeypatch.setattr(torch, "compile", compile_without_compiler)
+    return attempts
+
+
 def small_gpt(seed: int = 0, **overrides) -> TinyGPTModule:
     pl.seed_everything(seed, verbose=False)
     return TinyGPTModule(GPTConfig(**{**SMALL, **overrides}))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_llmdbg import stats
-from tests.helpers import requires_compiler
+from tests.helpers import compiler_missing, requires_compiler
 
 
 def _tensors():
@@ -250,18 +250,7 @@ def test_fused_statistics_equal_the_eager_ones_and_a_float64_computation():
 def test_a_statistic_that_cannot_compile_runs_eager(monkeypatch):
     """Where torch.compile fails (the CPU backend without a C++ compiler), the error is kept, the call returns the
     eager result, and no later call tries to compile again."""
-    attempts = []
-
-    def no_compiler(fn, **kwargs):
-        def compiled(*args):
-            attempts.append(fn.__name__)
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-        return compiled
-
-    monkeypatch.setattr(stats, "_COMPILED", {})
-    monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    attempts = compiler_missing(monkeypatch)
     fused = stats.FusedStatistics()
     x = _activation_with_every_feature()
     sums, maxes = fused.activation(x)

@@ -9,7 +9,15 @@ from torch import nn
 
 from lightning_llmdbg import ActivationProbe, stats
 from tests.helpers import (
-    assert_close, count_hooks, read_events, requires_compiler, scalars, small_data, small_gpt, trainer_kwargs,
+    assert_close,
+    compiler_missing,
+    count_hooks,
+    read_events,
+    requires_compiler,
+    scalars,
+    small_data,
+    small_gpt,
+    trainer_kwargs,
 )
 
 B, T, C = 4, 10, 20
@@ -87,15 +95,7 @@ def _independent_stats(x: torch.Tensor) -> dict[str, float]:
 def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accumulate, statistics):
     """Compiled (the default), eager, and eager after torch.compile failed, with one warning that says so."""
     if statistics == "cannot-compile":
-        def no_compiler(fn, **kwargs):
-            def compiled(*args):
-                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-            return compiled
-
-        monkeypatch.setattr(stats, "_COMPILED", {})
-        monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
-        monkeypatch.setattr(torch, "compile", no_compiler)
+        compiler_missing(monkeypatch)
     probe = ActivationProbe(every_n_steps=1, gradients=True, compile_statistics=statistics != "eager")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(
