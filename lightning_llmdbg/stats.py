@@ -536,10 +536,10 @@ class FusedStatistics:
         # `is_compiling` first: inside a traced hook, dynamo then never reads (nor guards on) the rest.
         if torch.compiler.is_compiling() or not self.compiled or _COMPILE_FAILURE or type(x) is not Tensor:
             return eager(x, *eager_args)
-        compiled = _COMPILED.get(fused)
-        if compiled is None:
-            compiled = _COMPILED[fused] = torch.compile(fused, dynamic=self._DYNAMIC.get(fused.__name__))
         try:
+            compiled = _COMPILED.get(fused)
+            if compiled is None:  # (`torch.compile` itself raises where dynamo is unsupported: a Python too new)
+                compiled = _COMPILED[fused] = torch.compile(fused, dynamic=self._DYNAMIC.get(fused.__name__))
             with torch.no_grad():
                 return compiled(x)
         except torch.cuda.OutOfMemoryError:

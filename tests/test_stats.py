@@ -260,3 +260,16 @@ def test_a_statistic_that_cannot_compile_runs_eager(monkeypatch):
     fused.activation(x), fused.logits(x), stats.FusedStatistics().attention(x.softmax(-1).view(2, 4, 64, 40))
     assert attempts == ["fused_activation_partials"]  # once per process
     assert stats.FusedStatistics(compiled=False).activation(x)[0].equal(eager_sums)
+
+
+def test_a_python_that_dynamo_does_not_support_runs_eager(monkeypatch):
+    """``torch.compile`` itself raises where dynamo cannot run (a Python newer than the torch build): eager, kept."""
+    def unsupported(fn, **kwargs):
+        raise RuntimeError("torch.compile is not supported on Python 3.14+")
+
+    monkeypatch.setattr(stats, "_COMPILED", {})
+    monkeypatch.setattr(stats, "_COMPILE_FAILURE", [])
+    monkeypatch.setattr(torch, "compile", unsupported)
+    x = _activation_with_every_feature()
+    assert torch.equal(stats.FusedStatistics().logits(x)[0], stats.logit_partials(x)[0])
+    assert stats.FusedStatistics().failure == "RuntimeError: torch.compile is not supported on Python 3.14+"
