@@ -96,6 +96,8 @@ def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accu
     """Compiled (the default), eager, and eager after torch.compile failed, with one warning that says so."""
     if statistics == "cannot-compile":
         compiler_missing(monkeypatch)
+    elif statistics == "eager":
+        monkeypatch.setattr(stats, "_COMPILED", {})
     probe = ActivationProbe(every_n_steps=1, gradients=True, compile_statistics=statistics != "eager")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(
@@ -113,6 +115,8 @@ def test_statistics_equal_an_independent_computation(tmp_path, monkeypatch, accu
         ]
     else:
         assert fallbacks == [] and probe._statistics.failure is None
+        # Compiled and called without an error, or eager by choice (nothing compiled in this test):
+        assert (stats.fused_activation_partials in stats._COMPILED) == (statistics == "compiled")
     events = read_events(logger.log_dir)
     for i, out in enumerate(_known_outputs()):
         for step in (0, 1):
