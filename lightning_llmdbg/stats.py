@@ -321,10 +321,9 @@ def _mask_as_heads(mask: Tensor, query: Tensor, shape: tuple[int, int, int, int]
     return torch.broadcast_to(mask, (*query.shape[:-3], *shape[1:])).reshape(shape)
 
 
-def softmax_entropy(logits: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def softmax_entropy(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's largest logit and the entropy of its softmax, for logits ``[..., k]`` (−inf where masked), with
     ``scratch`` (at least the logits' size) for the temporaries."""
-    scratch = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device) if scratch is None else scratch
     rows = logits.shape[:-1]
     return logits.amax(-1), _row_entropy(logits.softmax(-1).flatten(0, -2), scratch).view(rows)
 
